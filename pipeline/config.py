@@ -1,0 +1,121 @@
+"""Typed config: each stage's section of params.yaml, loaded into a frozen dataclass.
+
+`load_params(FetchParams, "fetch")` reads `params.yaml` and returns a `FetchParams`. An unknown key, a
+missing key or a value of the wrong type is a `ConfigError` that names the key, so a typo in
+params.yaml (or in `dvc exp run -S ...`) fails the stage at once instead of being ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import yaml
+
+PARAMS_FILE = "params.yaml"
+COMPETITION = "dogs-vs-cats-redux-kernels-edition"
+
+
+class ConfigError(ValueError):
+    """params.yaml does not match the dataclass it is loaded into."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# stage sections
+
+
+@dataclass(frozen=True)
+class DemoParams:
+    seed: int  # the generator's seed: same seed, byte-identical zip
+    train_per_class: int  # cat.N.jpg and dog.N.jpg images each in train.zip
+    test_count: int  # N.jpg images in test.zip
+    min_side: int  # shortest image side in pixels (each image draws its own size)
+    max_side: int  # longest image side in pixels
+    mislabel_fraction: float  # images drawn as one class but named as the other (label noise)
+    hard_fraction: float  # images with a small, faint or partly hidden subject
+
+
+@dataclass(frozen=True)
+class FetchParams:
+    source: str  # "kaggle", "demo", or a path to the competition zip or a folder holding its files
+    competition: str  # Kaggle competition slug
+    demo: DemoParams  # the synthetic data set written when source is "demo"
+
+
+@dataclass(frozen=True)
+class PrepareParams:
+    seed: int  # seed of the train/valid/sample split
+    valid_per_class: int  # images per class moved from train to valid (the lesson: 1000)
+    sample_train_per_class: int  # images per class in sample/train (linked from train)
+    sample_valid_per_class: int  # images per class in sample/valid (linked from valid)
+    max_pixels: int  # larger images are rejected as decompression bombs
+    workers: int  # processes that decode-check images; 0 = one per CPU core
+
+
+# ---------------------------------------------------------------------------------------------------
+# loading
+
+
+def load_params(cls: type, section: str, path: str | Path = PARAMS_FILE):
+    """Read `section` of the YAML file at `path` into the dataclass `cls`."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path} not found: run the stage from the project root")
+    data = yaml.safe_load(path.read_text()) or {}
+    if section not in data:
+        raise ConfigError(f"{path}: section '{section}' is missing")
+    return from_dict(cls, data[section], section)
+
+
+def from_dict(cls: type, data: object, where: str):
+    """Build dataclass `cls` from a mapping, checking every key and type; `where` names the key path."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(fields)}")
+    missing = sorted(set(fields) - set(data))
+    if missing:
+        raise ConfigError(f"{where}: missing key(s) {', '.join(missing)}")
+    hints = typing.get_type_hints(cls)
+    return cls(**{name: _convert(hints[name], data[name], f"{where}.{name}") for name in fields})
+
+
+def _convert(tp, value, where: str):
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, where)
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"{where}: {value!r} is not one of {list(typing.get_args(tp))}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in typing.get_args(tp):
+            return None
+        errors = []
+        for arg in typing.get_args(tp):
+            if arg is type(None):
+                continue
+            try:
+                return _convert(arg, value, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError("; ".join(errors))
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        (item,) = {a for a in typing.get_args(tp) if a is not Ellipsis}
+        return tuple(_convert(item, v, f"{where}[{i}]") for i, v in enumerate(value))
+    # bool is a subclass of int in Python; in a config file `true` for a count is a mistake
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float) and isinstance(value, bool):
+        raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
+    if not isinstance(value, tp):
+        raise ConfigError(f"{where}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
+    return value

@@ -1,0 +1,169 @@
+"""Stage `fetch`: get the competition zip (Kaggle API, the offline demo generator, or a local copy).
+
+`python -m pipeline.fetch --zip data/raw/dogs-vs-cats-redux-kernels-edition.zip --labels
+data/raw/demo_test_labels.csv` (run by `dvc repro fetch`). `fetch.source` in params.yaml picks:
+- `kaggle`: `KaggleApi.competition_download_files`; needs credentials and the rules accepted;
+- `demo`: the seeded synthetic data set of `pipeline.demo`, plus its hidden test labels;
+- a path to the competition zip, or to a folder holding `train.zip`, `test.zip` and
+  `sample_submission.csv` (for a download made in a browser).
+Every failure ends the stage with one paragraph saying what to do. The zip is written under a
+temporary name and renamed, so an interrupted download never looks like a finished one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import logging
+import os
+import shutil
+import tempfile
+import zipfile
+from pathlib import Path
+
+from pipeline.config import FetchParams, load_params
+from pipeline.demo import write_demo_zip
+
+log = logging.getLogger("fetch")
+MEMBERS = ("sample_submission.csv", "test.zip", "train.zip")
+
+
+class FetchError(RuntimeError):
+    """The data could not be fetched; the message says what to do."""
+
+
+def credentials_help(competition: str) -> str:
+    return (
+        "No Kaggle credentials found. Create an API token on https://www.kaggle.com/settings "
+        "(API > Create New Token), then either set KAGGLE_API_TOKEN=<token> or save the token to "
+        "~/.kaggle/access_token (the legacy ~/.kaggle/kaggle.json with username and key also works; "
+        "chmod 600 it). To try the pipeline without Kaggle, set fetch.source: demo in params.yaml "
+        "(or run 'make demo')."
+    )
+
+
+def explain_http_error(competition: str, status: int | None, detail: str) -> str:
+    url = f"https://www.kaggle.com/competitions/{competition}"
+    if status == 403:
+        return (
+            f"Kaggle refused the download (403: {detail}). You must accept the competition rules "
+            f"once, in a browser, logged in as the account of your token: open {url}/rules and click "
+            "'I Understand and Accept', then run 'dvc repro fetch' again."
+        )
+    if status == 401:
+        return (
+            f"Kaggle rejected the credentials (401: {detail}). The token is wrong or expired: create "
+            "a new one on https://www.kaggle.com/settings and update KAGGLE_API_TOKEN, "
+            "~/.kaggle/access_token or ~/.kaggle/kaggle.json."
+        )
+    if status == 404:
+        return f"Kaggle has no competition '{competition}' (404: {detail}): check fetch.competition."
+    return f"Kaggle answered HTTP {status} ({detail}). Check {url} and try again later."
+
+
+def download_from_kaggle(competition: str, dest: Path) -> Path:
+    """Download the competition zip into folder `dest`; returns the zip's path."""
+    import requests  # kaggle's own HTTP library: its errors are what the client raises
+
+    # `import kaggle` authenticates at import and prints help to stdout when it fails: keep it quiet
+    # here and authenticate explicitly below, where the failure can be reported properly.
+    with contextlib.redirect_stdout(io.StringIO()):
+        from kaggle.api.kaggle_api_extended import KaggleApi
+    api = KaggleApi()
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            api.authenticate()  # raises SystemExit (not an Exception) when no credentials exist
+        api.competition_download_files(competition, path=str(dest), quiet=True)
+    except SystemExit as e:
+        raise FetchError(credentials_help(competition)) from e
+    except requests.exceptions.HTTPError as e:
+        status = e.response.status_code if e.response is not None else None
+        raise FetchError(explain_http_error(competition, status, str(e))) from e
+    except requests.exceptions.ConnectionError as e:
+        raise FetchError(
+            f"Cannot reach Kaggle ({e.__class__.__name__}): this machine seems offline. Run where "
+            f"api.kaggle.com is reachable, or download the data in a browser from "
+            f"https://www.kaggle.com/competitions/{competition}/data and set fetch.source to the "
+            "zip's path (or its unpacked folder). 'make demo' runs offline on synthetic data."
+        ) from e
+    path = dest / f"{competition}.zip"
+    if not path.exists():
+        raise FetchError(f"Kaggle reported success but {path} was not written: files {os.listdir(dest)}")
+    return path
+
+
+def check_competition_zip(path: Path) -> None:
+    """Fail unless `path` is a zip holding train.zip, test.zip and sample_submission.csv."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = set(zf.namelist())
+    except zipfile.BadZipFile as e:
+        raise FetchError(f"{path} is not a zip file ({e}): download it again.") from e
+    missing = [m for m in MEMBERS if m not in names]
+    if missing:
+        raise FetchError(
+            f"{path} is not the competition zip: it lacks {', '.join(missing)} "
+            f"(it holds {', '.join(sorted(names)[:5])}...)."
+        )
+
+
+def copy_local(source: Path, dest_zip: Path) -> None:
+    """A competition zip, or a folder with its three files, copied to `dest_zip`."""
+    if source.is_file():
+        check_competition_zip(source)
+        shutil.copyfile(source, dest_zip)
+    elif source.is_dir():
+        missing = [m for m in MEMBERS if not (source / m).is_file()]
+        if missing:
+            raise FetchError(f"{source} lacks {', '.join(missing)}: it must hold {', '.join(MEMBERS)}.")
+        with zipfile.ZipFile(dest_zip, "w", zipfile.ZIP_STORED) as zf:  # the inner zips are compressed
+            for m in MEMBERS:
+                zf.write(source / m, m)
+    else:
+        raise FetchError(
+            f"fetch.source is '{source}', which is neither 'kaggle', 'demo' nor an existing zip or "
+            "folder. Set it to one of those in params.yaml."
+        )
+
+
+def fetch(params: FetchParams, zip_path: Path, labels_path: Path) -> None:
+    """Write the competition zip (and, for the demo, the hidden test labels) into `zip_path.parent`."""
+    out = zip_path.parent
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}-") as tmp:
+        tmp = Path(tmp)
+        if params.source == "kaggle":
+            got = download_from_kaggle(params.competition, tmp)
+            got.rename(tmp / zip_path.name)
+        elif params.source == "demo":
+            write_demo_zip(tmp / zip_path.name, tmp / labels_path.name, params.demo)
+        else:
+            copy_local(Path(params.source).expanduser(), tmp / zip_path.name)
+        check_competition_zip(tmp / zip_path.name)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)  # the whole folder appears at once
+        tmp.mkdir()  # for TemporaryDirectory's cleanup
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description="Fetch the competition zip.")
+    parser.add_argument("--zip", type=Path, required=True, help="where the competition zip goes")
+    parser.add_argument("--labels", type=Path, required=True, help="demo only: hidden test labels")
+    parser.add_argument("--params", default="params.yaml")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    params = load_params(FetchParams, "fetch", args.params)
+    if args.zip.parent != args.labels.parent:
+        parser.error("--zip and --labels must be in the same folder (the stage's output)")
+    try:
+        fetch(params, args.zip, args.labels)
+    except FetchError as e:
+        raise SystemExit(f"fetch failed: {e}") from None
+    size = args.zip.stat().st_size / 2**20
+    log.info("source=%s wrote %s (%.1f MiB)", params.source, args.zip, size)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,76 @@
+"""Shared fixtures: tiny demo data sets written into tmp_path."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.config import DemoParams, PrepareParams
+from pipeline.demo import write_demo_zip
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_PHOTOS = ROOT.parent / "shared" / "data" / "real-photos-200px"
+BIN = Path(sys.executable).parent  # the venv's bin: dvc, bentoml, and the python stages run with
+
+
+def tool_env() -> dict:
+    """The environment for subprocesses: the venv first on PATH (dvc stages call `python`)."""
+    return {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "DVC_NO_ANALYTICS": "1"}
+
+
+def dvc(project: Path, *args: str) -> str:
+    """Run the real dvc in `project`; fail the test with its output if it fails."""
+    done = subprocess.run([str(BIN / "dvc"), *args], cwd=project, env=tool_env(), capture_output=True, text=True)
+    assert done.returncode == 0, f"dvc {' '.join(args)} failed:\n{done.stdout}{done.stderr}"
+    return done.stdout + done.stderr
+
+
+def tiny_demo(**overrides) -> DemoParams:
+    values = dict(
+        seed=7, train_per_class=20, test_count=10, min_side=48, max_side=80, mislabel_fraction=0.05, hard_fraction=0.1
+    )
+    return DemoParams(**{**values, **overrides})
+
+
+def tiny_prepare(**overrides) -> PrepareParams:
+    values = dict(
+        seed=1, valid_per_class=5, sample_train_per_class=3, sample_valid_per_class=2, max_pixels=1_000_000, workers=1
+    )
+    return PrepareParams(**{**values, **overrides})
+
+
+@pytest.fixture
+def demo_zip(tmp_path) -> Path:
+    """A competition zip of 20 cats, 20 dogs and 10 test images, Kaggle's layout."""
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    path = raw / "dogs-vs-cats-redux-kernels-edition.zip"
+    write_demo_zip(path, raw / "demo_test_labels.csv", tiny_demo())
+    return path
+
+
+def make_project(dest: Path, params_update: dict) -> Path:
+    """A git + DVC project in `dest` with this project's code and a params.yaml changed by `params_update`."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in ("pipeline", "serving"):
+        shutil.copytree(ROOT / name, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("dvc.yaml", ".gitignore", ".dvcignore"):
+        shutil.copy(ROOT / name, dest / name)
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for dotted, value in params_update.items():
+        node = params
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node[key]
+        node[leaf] = value
+    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    git = lambda *args: subprocess.run(["git", *args], cwd=dest, check=True, capture_output=True)  # noqa: E731
+    git("init", "-q")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty", "-m", "init")
+    dvc(dest, "init", "-q")
+    dvc(dest, "config", "core.analytics", "false")
+    return dest

@@ -1,0 +1,58 @@
+import pytest
+
+from pipeline.config import ConfigError, FetchParams, PrepareParams, from_dict, load_params
+from tests.conftest import ROOT
+
+
+def test_project_params_load():
+    fetch = load_params(FetchParams, "fetch", ROOT / "params.yaml")
+    prepare = load_params(PrepareParams, "prepare", ROOT / "params.yaml")
+    assert fetch.competition == "dogs-vs-cats-redux-kernels-edition"
+    assert prepare.sample_train_per_class == 8 and prepare.sample_valid_per_class == 4
+
+
+def prepare_dict(**changes):
+    d = dict(seed=1, valid_per_class=5, sample_train_per_class=3, sample_valid_per_class=2, max_pixels=100, workers=0)
+    d.update(changes)
+    return d
+
+
+def test_unknown_key_is_an_error_naming_it():
+    with pytest.raises(ConfigError, match=r"prepare: unknown key\(s\) valid_per_clas\b"):
+        from_dict(PrepareParams, {**prepare_dict(), "valid_per_clas": 3}, "prepare")
+
+
+def test_missing_key_is_an_error_naming_it():
+    d = prepare_dict()
+    del d["seed"]
+    with pytest.raises(ConfigError, match=r"missing key\(s\) seed"):
+        from_dict(PrepareParams, d, "prepare")
+
+
+@pytest.mark.parametrize("value", ["10", 1.5, True, None])
+def test_wrong_type_is_an_error_naming_the_key(value):
+    with pytest.raises(ConfigError, match="prepare.valid_per_class: expected int"):
+        from_dict(PrepareParams, prepare_dict(valid_per_class=value), "prepare")
+
+
+def test_nested_section_errors_name_the_full_key(tmp_path):
+    p = tmp_path / "params.yaml"
+    p.write_text(
+        "fetch:\n  source: demo\n  competition: c\n  demo:\n    seed: 1\n    train_per_class: 2\n"
+        "    test_count: 2\n    min_side: 8\n    max_side: 9\n    mislabel_fraction: high\n    hard_fraction: 0\n"
+    )
+    with pytest.raises(ConfigError, match="fetch.demo.mislabel_fraction: expected float"):
+        load_params(FetchParams, "fetch", p)
+
+
+def test_int_is_accepted_for_float():
+    d = dict(seed=1, train_per_class=2, test_count=2, min_side=8, max_side=9, mislabel_fraction=0, hard_fraction=1)
+    params = from_dict(FetchParams, {"source": "demo", "competition": "c", "demo": d}, "fetch")
+    assert params.demo.hard_fraction == 1.0 and isinstance(params.demo.hard_fraction, float)
+
+
+def test_missing_section(tmp_path):
+    p = tmp_path / "params.yaml"
+    p.write_text("fetch: {}\n")
+    with pytest.raises(ConfigError, match="section 'prepare' is missing"):
+        load_params(PrepareParams, "prepare", p)

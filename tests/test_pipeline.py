@@ -1,0 +1,50 @@
+"""End to end: the real `dvc repro` in a temporary git + DVC project."""
+
+import csv
+import json
+
+import pytest
+
+from tests.conftest import dvc, make_project
+
+pytestmark = pytest.mark.slow
+
+
+def test_dvc_repro_prepare(tmp_path):
+    project = make_project(
+        tmp_path / "project",
+        {
+            "fetch.demo.train_per_class": 30,
+            "fetch.demo.test_count": 12,
+            "fetch.demo.min_side": 48,
+            "fetch.demo.max_side": 96,
+            "prepare.valid_per_class": 10,
+            "prepare.sample_train_per_class": 8,
+            "prepare.sample_valid_per_class": 4,
+        },
+    )
+    log = dvc(project, "repro", "prepare")
+    assert "Running stage 'fetch'" in log and "Running stage 'prepare'" in log
+    prepared = project / "data" / "prepared"
+    with open(prepared / "manifest.csv") as f:
+        rows = list(csv.DictReader(f))
+    count = lambda split, label: sum(r["split"] == split and r["label"] == label for r in rows)  # noqa: E731
+    for label in ("cat", "dog"):
+        assert count("valid", label) == 10 and count("train", label) == 20
+        assert count("sample/train", label) == 8 and count("sample/valid", label) == 4
+    assert count("test", "") == 12
+    train = {r["path"].split("/")[-1] for r in rows if r["split"] == "train"}
+    valid = {r["path"].split("/")[-1] for r in rows if r["split"] == "valid"}
+    assert not train & valid
+    metrics = json.loads((project / "metrics" / "prepare.json").read_text())
+    assert metrics["counts"]["valid"] == {"cat": 10, "dog": 10}
+    assert (project / "data" / "raw" / "demo_test_labels.csv").exists()
+
+    # nothing changed: the second run does nothing
+    again = dvc(project, "repro", "prepare")
+    assert "Running stage" not in again and "up to date" in again
+    # a changed param re-runs prepare only
+    params = (project / "params.yaml").read_text().replace("valid_per_class: 10", "valid_per_class: 9")
+    (project / "params.yaml").write_text(params)
+    third = dvc(project, "repro", "prepare")
+    assert "Running stage 'prepare'" in third and "Running stage 'fetch'" not in third
