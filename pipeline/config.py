@@ -119,3 +119,48 @@ def _convert(tp, value, where: str):
     if not isinstance(value, tp):
         raise ConfigError(f"{where}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
     return value
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    weights: str  # imagenet | none (random init: the offline demo) | path to a VGG16 state dict
+    finetune: Literal["head", "dense", "all"]  # what trains: the new layer, all FC layers, everything
+    image_size: int  # side of the centre crop fed to the network (torchvision's: 224)
+    augment: bool  # random resized crop + horizontal flip on training images
+    epochs: int
+    batch_size: int
+    lr: float  # peak learning rate of the one-cycle schedule (FC layers)
+    conv_lr_factor: float  # finetune: all -> conv layers train at lr * this (discriminative lrs)
+    weight_decay: float  # AdamW decoupled weight decay
+    warmup: float  # fraction of the steps spent warming up to the peak lr
+    seed: int  # same seed on CPU -> same weights
+    workers: int  # DataLoader worker processes (JPEG decoding); 0 = in the main process
+    device: Literal["auto", "cpu", "cuda"]  # auto: CUDA when available, else CPU
+
+
+@dataclass(frozen=True)
+class EvaluateParams:
+    batch_size: int
+    workers: int  # DataLoader worker processes
+    lesson_clip: float  # the lesson's fixed clip, reported beside the searched one
+    clip_max: float  # the clip search tries 0 .. clip_max
+    clip_step: float  # ... in steps of this
+    temperature_scaling: bool  # also fit a temperature on validation and report it
+    show_images: int  # images in each diagnostic grid (top losses, most uncertain)
+
+
+@dataclass(frozen=True)
+class ExportParams:
+    opset: int  # ONNX opset the exporter targets (ONNX Runtime 1.31 runs up to 23)
+    parity_images: int  # validation images in the ONNX Runtime vs PyTorch check
+    tolerance: float  # the check fails the stage when max |P_onnx - P_torch| exceeds this
+
+
+@dataclass(frozen=True)
+class PredictParams:
+    batch_size: int  # images per ONNX Runtime call
+    workers: int  # JPEG decode + resize threads; 0 = one per CPU core
+    tta: bool  # test-time augmentation: average P(dog) of the image and its mirror (2x the compute)
+    clip: Literal["evaluate"] | float  # "evaluate": metrics/evaluate.json's clip; a number: that fixed clip
+    provider: Literal["auto", "cpu", "cuda"]  # ONNX Runtime provider; auto: CUDA when really obtained, else CPU
+    max_pixels: int  # larger test images are unreadable (decompression bombs), predicted 0.5

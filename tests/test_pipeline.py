@@ -48,3 +48,26 @@ def test_dvc_repro_prepare(tmp_path):
     (project / "params.yaml").write_text(params)
     third = dvc(project, "repro", "prepare")
     assert "Running stage 'prepare'" in third and "Running stage 'fetch'" not in third
+
+
+def test_dvc_repro_evaluate(tmp_path):
+    project = make_project(tmp_path / "project", {
+        "fetch.demo.train_per_class": 24, "fetch.demo.test_count": 4,
+        "fetch.demo.min_side": 48, "fetch.demo.max_side": 80,
+        "prepare.valid_per_class": 6, "prepare.sample_train_per_class": 2, "prepare.sample_valid_per_class": 2,
+        "train.image_size": 32, "train.epochs": 2, "train.batch_size": 8, "train.workers": 0,
+        "evaluate.batch_size": 16, "evaluate.workers": 0, "evaluate.show_images": 4,
+    })
+    log = dvc(project, "repro", "evaluate")
+    assert "Running stage 'train'" in log and "Running stage 'evaluate'" in log
+    metrics = json.loads((project / "metrics" / "evaluate.json").read_text())
+    assert {"accuracy", "log_loss", "clip", "log_loss_clipped"} <= set(metrics)
+    assert metrics["n"] == 12 and 0 <= metrics["accuracy"] <= 1
+    assert metrics["log_loss_clipped"] <= metrics["log_loss"] + 1e-12
+    live = json.loads((project / "dvclive" / "metrics.json").read_text())
+    assert {"train_loss", "valid_loss", "valid_accuracy", "valid_log_loss"} <= set(live)
+    for name in ("valid_predictions.csv", "clip_curve.csv", "top_losses.png", "most_uncertain.png"):
+        assert (project / "plots" / "evaluate" / name).is_file()
+    shown = dvc(project, "metrics", "show")
+    assert "evaluate.json" in shown and "valid_accuracy" in shown
+    assert "up to date" in dvc(project, "repro", "evaluate")

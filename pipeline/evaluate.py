@@ -1,0 +1,169 @@
+"""Stage `evaluate`: how good is models/model.pt on the validation set, and the best probability clip.
+
+`python -m pipeline.evaluate --data data/prepared --model models/model.pt --metrics
+metrics/evaluate.json --plots plots/evaluate` (run by `dvc repro evaluate`).
+
+Writes accuracy, log loss and the confusion matrix; the lesson's diagnostics as image grids (the most
+wrong images, "top losses", and the most uncertain ones); and the clip. Kaggle's log loss punishes a
+confident mistake without bound, so submissions clip P(dog) to [c, 1-c]. The lesson fixes c = 0.05;
+here c is searched on the validation set over a fine grid, and both are reported. Optionally a
+temperature is fitted on validation too, and the report says whether it beats clipping.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+from scipy.optimize import minimize_scalar
+from sklearn.metrics import confusion_matrix
+from sklearn.metrics import log_loss as sk_log_loss
+from torch.utils.data import DataLoader
+from torchvision.datasets import ImageFolder
+
+from pipeline.config import EvaluateParams, load_params
+from pipeline.model import eval_transform, load_model, pick_device, predict_logits
+
+log = logging.getLogger("evaluate")
+
+
+def log_loss(p_dog: np.ndarray, y: np.ndarray) -> float:
+    """Kaggle's metric: binary cross-entropy of P(dog) (scikit-learn's, which clips at float eps)."""
+    return float(sk_log_loss(y, p_dog, labels=[0, 1]))
+
+
+def clip_curve(p_dog: np.ndarray, y: np.ndarray, clip_max: float, step: float) -> list[tuple[float, float]]:
+    """(c, log loss of clip(p, c, 1-c)) for c = 0, step, ..., clip_max."""
+    clips = np.round(np.arange(0.0, clip_max + step / 2, step), 10)
+    return [(float(c), log_loss(np.clip(p_dog, c, 1 - c), y)) for c in clips]
+
+
+def best_clip(curve: list[tuple[float, float]]) -> tuple[float, float]:
+    """The clip with the lowest log loss (the smallest such clip on ties)."""
+    return min(curve, key=lambda cl: (cl[1], cl[0]))
+
+
+def fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:
+    """The T minimising the log loss of softmax(logits / T) (Guo et al. 2017, temperature scaling)."""
+
+    def nll(log_t: float) -> float:
+        z = logits / np.exp(log_t)
+        z = z - z.max(1, keepdims=True)
+        return float(-np.mean(z[np.arange(len(y)), y] - np.log(np.exp(z).sum(1))))
+
+    return float(np.exp(minimize_scalar(nll, bounds=(-5, 5), method="bounded").x))
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = np.exp(logits - logits.max(1, keepdims=True))
+    return z / z.sum(1, keepdims=True)
+
+
+def image_grid(paths: list[str], captions: list[str], tile: int = 160) -> Image.Image:
+    """Thumbnails with a caption line under each, 4 to a row."""
+    cols = 4
+    rows = max(1, (len(paths) + cols - 1) // cols)
+    grid = Image.new("RGB", (cols * tile, rows * (tile + 28)), "white")
+    draw = ImageDraw.Draw(grid)
+    for i, (path, caption) in enumerate(zip(paths, captions, strict=True)):
+        with Image.open(path) as img:
+            thumb = img.convert("RGB")
+            thumb.thumbnail((tile, tile))
+        x, y = (i % cols) * tile, (i // cols) * (tile + 28)
+        grid.paste(thumb, (x + (tile - thumb.width) // 2, y))
+        for j, line in enumerate(caption.split("\n")):
+            draw.text((x + 4, y + tile + 2 + j * 12), line, fill="black")
+    return grid
+
+
+def evaluate(probs: np.ndarray, logits: np.ndarray, y: np.ndarray, p: EvaluateParams) -> tuple[dict, list]:
+    """The metrics, and the clip curve."""
+    p_dog = probs[:, 1]
+    curve = clip_curve(p_dog, y, p.clip_max, p.clip_step)
+    clip, clipped = best_clip(curve)
+    lesson = log_loss(np.clip(p_dog, p.lesson_clip, 1 - p.lesson_clip), y)
+    metrics = {
+        "n": int(len(y)),
+        "accuracy": float(np.mean(probs.argmax(1) == y)),
+        "log_loss": log_loss(p_dog, y),
+        "clip": clip,
+        "log_loss_clipped": clipped,
+        "lesson_clip": p.lesson_clip,
+        "log_loss_lesson_clip": lesson,
+        "confusion_matrix": confusion_matrix(y, probs.argmax(1), labels=[0, 1]).tolist(),  # rows: true cat, dog
+    }
+    if p.temperature_scaling:
+        t = fit_temperature(logits, y)
+        scaled = log_loss(softmax(logits / t)[:, 1], y)
+        metrics.update(temperature=t, log_loss_temperature=scaled, temperature_beats_clip=scaled < clipped)
+    return metrics, curve
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description="Evaluate the model on the validation set.")
+    parser.add_argument("--data", type=Path, required=True)
+    parser.add_argument("--model", type=Path, required=True)
+    parser.add_argument("--metrics", type=Path, required=True)
+    parser.add_argument("--plots", type=Path, required=True, help="folder for the plot files")
+    parser.add_argument("--params", default="params.yaml")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    p = load_params(EvaluateParams, "evaluate", args.params)
+    device = pick_device("auto")
+    try:
+        model, meta = load_model(args.model, device)
+    except FileNotFoundError as e:
+        raise SystemExit(str(e)) from None
+    ds = ImageFolder(args.data / "valid", transform=eval_transform(meta["image_size"]))
+    loader = DataLoader(ds, batch_size=p.batch_size, num_workers=p.workers)
+    logits, y = predict_logits(model, loader, device)
+    probs = softmax(logits)
+    metrics, curve = evaluate(probs, logits, y, p)
+
+    # plots: per-image predictions (DVC's confusion plot), the clip curve, and the lesson's image grids
+    names = [meta["classes"][i].rstrip("s") for i in range(len(meta["classes"]))]
+    paths = [path for path, _ in ds.samples]
+    rows = [
+        (os.path.relpath(path, args.data), names[t], names[int(pr.argmax())], f"{pr[1]:.6f}")
+        for path, t, pr in zip(paths, y, probs, strict=True)
+    ]
+    args.plots.mkdir(parents=True, exist_ok=True)
+    with open(args.plots / "valid_predictions.csv", "w", newline="") as f:
+        csv.writer(f, lineterminator="\n").writerows([("path", "actual", "predicted", "p_dog"), *rows])
+    with open(args.plots / "clip_curve.csv", "w", newline="") as f:
+        csv.writer(f, lineterminator="\n").writerows([("clip", "log_loss"), *curve])
+    losses = -np.log(np.maximum(probs[np.arange(len(y)), y], 1e-15))
+    for name, order in (("top_losses", np.argsort(-losses)), ("most_uncertain", np.argsort(np.abs(probs[:, 1] - 0.5)))):
+        pick = order[: p.show_images]
+        captions = [f"{Path(paths[i]).name}\nis {names[y[i]]}, P(dog)={probs[i, 1]:.3f}" for i in pick]
+        image_grid([paths[i] for i in pick], captions).save(args.plots / f"{name}.png")
+    atomic_write_text(args.metrics, json.dumps(metrics, indent=2) + "\n")
+    log.info(
+        "accuracy %.4f  log_loss %.4f  clip %.4f -> %.4f  (lesson clip %.2f -> %.4f)%s",
+        metrics["accuracy"],
+        metrics["log_loss"],
+        metrics["clip"],
+        metrics["log_loss_clipped"],
+        p.lesson_clip,
+        metrics["log_loss_lesson_clip"],
+        f"  temperature {metrics['temperature']:.3f} -> {metrics['log_loss_temperature']:.4f}"
+        if p.temperature_scaling
+        else "",
+    )
+
+
+if __name__ == "__main__":
+    main()

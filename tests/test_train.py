@@ -1,0 +1,127 @@
+"""train: frozen layers stay frozen, and an interrupted run resumes to the very same weights."""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from pipeline.model import build_model
+from pipeline.prepare import prepare
+from pipeline.train import set_train_mode
+from tests.conftest import ROOT, tiny_prepare
+
+
+def test_frozen_layers_stay_in_eval_mode():
+    model = build_model("none")
+    set_train_mode(model, "head")
+    assert not model.features.training and not model.classifier[2].training  # dropout off: fixed features
+    assert model.classifier[6].training
+    set_train_mode(model, "dense")
+    assert not model.features.training and model.classifier[2].training
+    set_train_mode(model, "all")
+    assert model.features.training
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory) -> Path:
+    from pipeline.demo import write_demo_zip
+    from tests.conftest import tiny_demo
+
+    tmp = tmp_path_factory.mktemp("data")
+    write_demo_zip(tmp / "c.zip", tmp / "labels.csv", tiny_demo(train_per_class=40, test_count=2))
+    prepare(tmp / "c.zip", tmp / "prepared", tiny_prepare(valid_per_class=4))
+    return tmp / "prepared"
+
+
+def write_params(path: Path, **train) -> Path:
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["train"].update(dict(image_size=32, epochs=3, batch_size=8, workers=0, device="cpu"), **train)
+    path.write_text(yaml.safe_dump(params))
+    return path
+
+
+def train_cmd(work: Path, prepared: Path, params: Path) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "pipeline.train",
+        "--data",
+        str(prepared),
+        "--model",
+        str(work / "model.pt"),
+        "--checkpoint",
+        str(work / "ckpt.pt"),
+        "--live",
+        str(work / "live"),
+        "--params",
+        str(params),
+    ]
+
+
+def run_train(work: Path, prepared: Path, params: Path) -> str:
+    done = subprocess.run(train_cmd(work, prepared, params), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    return done.stderr
+
+
+def weights(path: Path) -> dict:
+    return torch.load(path, weights_only=False)["model"]
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_and_ends_with_the_same_weights(prepared, tmp_path):
+    params = write_params(tmp_path / "params.yaml", finetune="dense", augment=True)
+    whole, broken = tmp_path / "whole", tmp_path / "broken"
+    run_train(whole, prepared, params)
+
+    # kill -9 right after the first checkpoint lands
+    proc = subprocess.Popen(train_cmd(broken, prepared, params), cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not (broken / "ckpt.pt").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done_epochs = torch.load(broken / "ckpt.pt", weights_only=False)["epoch"]
+    assert 1 <= done_epochs < 3, "the run finished before it could be interrupted"
+    assert not (broken / "model.pt").exists()
+
+    log = run_train(broken, prepared, params)
+    assert re.search(rf"resuming from .*ckpt.pt after epoch {done_epochs} of 3", log), log
+    assert f"epoch {done_epochs}/3" not in log and "epoch 3/3" in log  # continued, did not start over
+    assert not (broken / "ckpt.pt").exists()
+    a, b = weights(whole / "model.pt"), weights(broken / "model.pt")
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    # the learning curve lists every epoch once
+    history = torch.load(broken / "model.pt", weights_only=False)["history"]
+    assert len(history) == 3
+    tsv = (broken / "live" / "plots" / "metrics" / "valid_accuracy.tsv").read_text().splitlines()
+    assert len(tsv) == 4  # header + 3 epochs
+
+
+@pytest.mark.slow
+def test_checkpoint_of_other_params_is_not_resumed(prepared, tmp_path):
+    work = tmp_path / "w"
+    run_train(work, prepared, write_params(tmp_path / "a.yaml", epochs=1))
+    # leave a checkpoint behind, as an interrupted run of other params would
+    torch.save({"run_key": "someone-else", "epoch": 1}, work / "ckpt.pt")
+    log = run_train(work, prepared, write_params(tmp_path / "b.yaml", epochs=1, seed=3))
+    assert "belongs to other params or data" in log and "resuming" not in log
+
+
+def test_model_file_rebuilds_alone(prepared, tmp_path):
+    from pipeline.model import load_model
+
+    run_train(tmp_path, prepared, write_params(tmp_path / "p.yaml", epochs=1))
+    model, meta = load_model(tmp_path / "model.pt")
+    assert meta["classes"] == ("cats", "dogs") and meta["image_size"] == 32 and meta["resize_size"] == 37
+    assert meta["params"]["finetune"] == "head" and len(meta["history"]) == 1
+    assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 2)
