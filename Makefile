@@ -11,7 +11,7 @@ export DVC_NO_ANALYTICS := 1
 # The real competition run: these keys override params.yaml's demo values (see README).
 KAGGLE_PARAMS := fetch.source=kaggle prepare.valid_per_class=1000
 
-.PHONY: install demo test repro lint clean
+.PHONY: install demo test repro lint clean bench
 
 install: $(VENV)/.installed
 
@@ -31,6 +31,9 @@ test: install
 
 repro: install
 	$(BIN)/dvc exp run $(addprefix -S ,$(KAGGLE_PARAMS))
+
+bench: install
+	$(BIN)/python bench/train_bench.py
 
 lint: install
 	$(BIN)/ruff check pipeline serving tests bench

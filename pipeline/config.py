@@ -136,6 +136,14 @@ class TrainParams:
     seed: int  # same seed on CPU -> same weights
     workers: int  # DataLoader worker processes (JPEG decoding); 0 = in the main process
     device: Literal["auto", "cpu", "cuda"]  # auto: CUDA when available, else CPU
+    feature_cache: bool  # head/dense without augment: train on the frozen layers' cached activations
+    compile: bool  # torch.compile the network (CUDA: worth it for long runs; minutes of warm-up)
+
+
+@dataclass(frozen=True)
+class FeaturesParams:
+    batch_size: int  # images per forward pass of the frozen layers
+    workers: int  # DataLoader worker processes (JPEG decoding)
 
 
 @dataclass(frozen=True)

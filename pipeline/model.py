@@ -158,14 +158,20 @@ def autocast(device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
+def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Images (N, C, H, W) go channels_last (the conv kernels' fast layout); activations (N, D) as they are."""
+    fmt = torch.channels_last if x.dim() == 4 else torch.contiguous_format
+    return x.to(device, non_blocking=True, memory_format=fmt)
+
+
 @torch.no_grad()
 def predict_logits(model, loader, device, desc="valid") -> tuple[np.ndarray, np.ndarray]:
     """(logits (N, C) as float64, labels (N,)) in loader order."""
     model.eval()
     logits, labels = [], []
     for x, y in tqdm(loader, desc=desc, leave=False, mininterval=2):
-        x = x.to(device, non_blocking=True, memory_format=torch.channels_last)
         with autocast(device):
+            x = to_device(x, device)
             logits.append(model(x).float().cpu())
         labels.append(y)
     return torch.cat(logits).double().numpy(), torch.cat(labels).numpy()

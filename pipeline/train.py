@@ -32,11 +32,12 @@ import torch.nn.functional as F
 from dvclive import Live
 from sklearn.metrics import log_loss
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets import ImageFolder
 from tqdm import tqdm
 
 from pipeline.config import TrainParams, load_params
+from pipeline.features import load_cache, trainable_part
 from pipeline.model import (
     CLASSES,
     MEAN,
@@ -48,6 +49,7 @@ from pipeline.model import (
     pick_device,
     predict_logits,
     resize_size,
+    to_device,
     train_transform,
 )
 
@@ -64,16 +66,14 @@ def set_train_mode(model: nn.Module, finetune: str) -> None:
         model.features.eval()
 
 
-def train_one_epoch(model, loader, optimizer, scheduler, device, finetune, desc="train") -> float:
-    """One pass over `loader`; returns the mean training loss."""
-    set_train_mode(model, finetune)
+def train_one_epoch(net, loader, optimizer, scheduler, device, desc="train") -> float:
+    """One pass over `loader` (images, or cached activations for the trainable part); the mean loss."""
     total, count = 0.0, 0
     for x, y in tqdm(loader, desc=desc, leave=False, mininterval=2):
-        x = x.to(device, non_blocking=True, memory_format=torch.channels_last)
-        y = y.to(device, non_blocking=True)
+        x, y = to_device(x, device), y.to(device, non_blocking=True)
         # forward backward update
         with autocast(device):
-            loss = F.cross_entropy(model(x), y)
+            loss = F.cross_entropy(net(x), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -94,16 +94,34 @@ def validate(model, loader, device) -> dict:
     }
 
 
-def make_loaders(data: Path, p: TrainParams, device: torch.device) -> tuple[DataLoader, DataLoader]:
-    train_ds = ImageFolder(data / "train", transform=train_transform(p.image_size, p.augment))
-    valid_ds = ImageFolder(data / "valid", transform=eval_transform(p.image_size))
-    for ds in (train_ds, valid_ds):
-        if tuple(ds.classes) != CLASSES:
-            raise SystemExit(f"{ds.root} holds classes {ds.classes}, expected {list(CLASSES)}: run 'dvc repro prepare'")
+class ArrayDataset(Dataset):
+    """Rows of a (memory-mapped) activations array, with their labels."""
+
+    def __init__(self, x: np.ndarray, y: np.ndarray):
+        self.x, self.y = x, y
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return torch.from_numpy(np.array(self.x[i])), int(self.y[i])  # np.array: copy out of the memmap
+
+
+def make_loaders(data: Path, cache: dict | None, p: TrainParams, device: torch.device) -> tuple[DataLoader, DataLoader]:
+    """Train and valid loaders over images, or over cached activations when `cache` is given.
+    Both shuffle with the same seeded generator, so both paths see the same batches."""
+    if cache is not None:
+        train_ds, valid_ds = (ArrayDataset(*cache[s]) for s in ("train", "valid"))
+        workers = 0  # reading a memmap row is cheaper than handing it between processes
+    else:
+        train_ds = ImageFolder(data / "train", transform=train_transform(p.image_size, p.augment))
+        valid_ds = ImageFolder(data / "valid", transform=eval_transform(p.image_size))
+        for ds in (train_ds, valid_ds):
+            if tuple(ds.classes) != CLASSES:
+                raise SystemExit(f"{ds.root} holds {ds.classes}, expected {list(CLASSES)}: run 'dvc repro prepare'")
+        workers = p.workers
     gen = torch.Generator().manual_seed(p.seed)  # the shuffle order: saved in checkpoints
-    kw = dict(
-        batch_size=p.batch_size, num_workers=p.workers, pin_memory=device.type == "cuda", persistent_workers=False
-    )
+    kw = dict(batch_size=p.batch_size, num_workers=workers, pin_memory=device.type == "cuda")
     return (
         DataLoader(train_ds, shuffle=True, generator=gen, drop_last=len(train_ds) > p.batch_size, **kw),
         DataLoader(valid_ds, shuffle=False, **kw),
@@ -145,6 +163,7 @@ def set_rng_state(state: dict, loader: DataLoader) -> None:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description="Fine-tune VGG16.")
     parser.add_argument("--data", type=Path, required=True, help="data/prepared")
+    parser.add_argument("--features", type=Path, required=True, help="data/features (stage features)")
     parser.add_argument("--model", type=Path, required=True, help="the final model file")
     parser.add_argument("--checkpoint", type=Path, required=True, help="per-epoch checkpoint, for resuming")
     parser.add_argument("--live", type=Path, required=True, help="DVCLive folder")
@@ -159,6 +178,7 @@ def main(argv=None) -> None:
     random.seed(p.seed)
     np.random.seed(p.seed)
     device = pick_device(p.device)
+    torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick its fastest kernels once
     log.info(
         "device %s%s, torch %s, %d CPU threads",
         device,
@@ -166,8 +186,14 @@ def main(argv=None) -> None:
         torch.__version__,
         torch.get_num_threads(),
     )
-    train_loader, valid_loader = make_loaders(args.data, p, device)
+    cache = load_cache(args.features, p, args.data)
+    train_loader, valid_loader = make_loaders(args.data, cache, p, device)
     model = build_model(p.weights).to(device, memory_format=torch.channels_last)
+    # what the batches go through: the whole network, or only its trainable part on cached activations
+    net = model if cache is None else trainable_part(model, p.finetune)
+    if p.compile:
+        net = torch.compile(net)
+    log.info("training on %s", "images" if cache is None else f"cached activations in {args.features}")
     groups = param_groups(model, p.finetune, p.lr, p.conv_lr_factor)
     optimizer = torch.optim.AdamW(groups, lr=p.lr, weight_decay=p.weight_decay)
     steps = p.epochs * len(train_loader)
@@ -207,10 +233,10 @@ def main(argv=None) -> None:
             live.next_step()
         for epoch in range(start, p.epochs):
             t0 = time.perf_counter()
-            train_loss = train_one_epoch(
-                model, train_loader, optimizer, scheduler, device, p.finetune, desc=f"epoch {epoch + 1}/{p.epochs}"
-            )
-            metrics = {"train_loss": train_loss, **validate(model, valid_loader, device)}
+            set_train_mode(model, p.finetune)
+            desc = f"epoch {epoch + 1}/{p.epochs}"
+            train_loss = train_one_epoch(net, train_loader, optimizer, scheduler, device, desc)
+            metrics = {"train_loss": train_loss, **validate(net, valid_loader, device)}
             history.append(metrics)
             for name, value in metrics.items():
                 live.log_metric(name, value)

@@ -1,5 +1,6 @@
 """train: frozen layers stay frozen, and an interrupted run resumes to the very same weights."""
 
+import json
 import os
 import re
 import signal
@@ -47,6 +48,14 @@ def write_params(path: Path, **train) -> Path:
     return path
 
 
+def features(work: Path, prepared: Path, params: Path) -> str:
+    """Run the features stage (train reads its output: the cache, or a note that none applies)."""
+    cmd = [sys.executable, "-m", "pipeline.features", "--data", str(prepared), "--out", str(work / "features")]
+    done = subprocess.run([*cmd, "--params", str(params)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    return done.stderr
+
+
 def train_cmd(work: Path, prepared: Path, params: Path) -> list[str]:
     return [
         sys.executable,
@@ -54,6 +63,8 @@ def train_cmd(work: Path, prepared: Path, params: Path) -> list[str]:
         "pipeline.train",
         "--data",
         str(prepared),
+        "--features",
+        str(work / "features"),
         "--model",
         str(work / "model.pt"),
         "--checkpoint",
@@ -66,6 +77,7 @@ def train_cmd(work: Path, prepared: Path, params: Path) -> list[str]:
 
 
 def run_train(work: Path, prepared: Path, params: Path) -> str:
+    features(work, prepared, params)
     done = subprocess.run(train_cmd(work, prepared, params), cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     return done.stderr
@@ -82,6 +94,7 @@ def test_killed_run_resumes_and_ends_with_the_same_weights(prepared, tmp_path):
     run_train(whole, prepared, params)
 
     # kill -9 right after the first checkpoint lands
+    features(broken, prepared, params)
     proc = subprocess.Popen(train_cmd(broken, prepared, params), cwd=ROOT, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
     while not (broken / "ckpt.pt").exists() and proc.poll() is None and time.monotonic() < deadline:
@@ -125,3 +138,33 @@ def test_model_file_rebuilds_alone(prepared, tmp_path):
     assert meta["classes"] == ("cats", "dogs") and meta["image_size"] == 32 and meta["resize_size"] == 37
     assert meta["params"]["finetune"] == "head" and len(meta["history"]) == 1
     assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 2)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("finetune", ["head", "dense"])
+def test_training_on_cached_activations_equals_training_on_images(prepared, tmp_path, finetune):
+    cached, uncached = tmp_path / "cached", tmp_path / "uncached"
+    run_train(cached, prepared, write_params(tmp_path / "a.yaml", finetune=finetune, epochs=2, feature_cache=True))
+    run_train(uncached, prepared, write_params(tmp_path / "b.yaml", finetune=finetune, epochs=2, feature_cache=False))
+    meta = json.loads((cached / "features" / "meta.json").read_text())
+    assert meta["cached"] and meta["train"]["dim"] == (4096 if finetune == "head" else 25088)
+    assert not json.loads((uncached / "features" / "meta.json").read_text())["cached"]
+    a, b = weights(cached / "model.pt"), weights(uncached / "model.pt")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=1e-4, msg=name)
+    ha = torch.load(cached / "model.pt", weights_only=False)["history"]
+    hb = torch.load(uncached / "model.pt", weights_only=False)["history"]
+    for ma, mb in zip(ha, hb, strict=True):
+        assert ma == pytest.approx(mb, rel=1e-4, abs=1e-5)
+
+
+def test_cache_is_refused_when_it_does_not_match(prepared, tmp_path):
+    features(tmp_path, prepared, write_params(tmp_path / "a.yaml", seed=1))
+    done = subprocess.run(
+        train_cmd(tmp_path, prepared, write_params(tmp_path / "b.yaml", seed=2)),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode != 0 and "run 'dvc repro features'" in done.stderr
