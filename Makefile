@@ -9,9 +9,10 @@ export PATH := $(BIN):$(PATH)
 export DVC_NO_ANALYTICS := 1
 
 # The real competition run: these keys override params.yaml's demo values (see README).
-KAGGLE_PARAMS := fetch.source=kaggle prepare.valid_per_class=1000
+KAGGLE_PARAMS := fetch.source=kaggle prepare.valid_per_class=1000 train.weights=imagenet train.image_size=224 \
+	train.lr=0.001 train.epochs=3
 
-.PHONY: install demo test repro lint clean bench
+.PHONY: install demo test repro submit serve lint clean bench
 
 install: $(VENV)/.installed
 
@@ -23,6 +24,7 @@ $(VENV)/.installed: pyproject.toml
 
 demo: install
 	$(BIN)/dvc repro
+	$(BIN)/python -m serving.smoke data/prepared/test/unknown/1.jpg
 
 test: install
 	@$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; \
@@ -31,6 +33,19 @@ test: install
 
 repro: install
 	$(BIN)/dvc exp run $(addprefix -S ,$(KAGGLE_PARAMS))
+
+# Upload submissions/submission.csv (made by `make repro`) to Kaggle; MESSAGE="..." adds a note to the
+# message, which always names the git commit and the validation metrics. Not a DVC stage: it is not repeatable.
+submit: install
+	$(BIN)/python -m pipeline.submit --submission submissions/submission.csv --prepared data/prepared \
+		--metrics metrics/evaluate.json --predict-metrics metrics/predict.json $(if $(MESSAGE),--message "$(MESSAGE)")
+
+# The service on the latest model in the BentoML store (dvc repro package), in the foreground; Ctrl-C or
+# SIGTERM stops it. HOST and PORT come from the environment.
+HOST ?= 127.0.0.1
+PORT ?= 3000
+serve: install
+	$(BIN)/bentoml serve serving.service:DogsVsCats --host $(HOST) --port $(PORT)
 
 bench: install
 	$(BIN)/python bench/train_bench.py

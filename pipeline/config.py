@@ -172,3 +172,18 @@ class PredictParams:
     clip: Literal["evaluate"] | float  # "evaluate": metrics/evaluate.json's clip; a number: that fixed clip
     provider: Literal["auto", "cpu", "cuda"]  # ONNX Runtime provider; auto: CUDA when really obtained, else CPU
     max_pixels: int  # larger test images are unreadable (decompression bombs), predicted 0.5
+
+
+@dataclass(frozen=True)
+class PackageParams:
+    model_name: str  # name in the BentoML model store (`bentoml models list`)
+
+
+@dataclass(frozen=True)
+class ServeParams:
+    provider: Literal["auto", "cpu", "cuda"]  # ONNX Runtime provider: auto = CUDA when really obtained
+    max_batch_size: int  # adaptive batching: the most images in one forward pass
+    max_latency_ms: int  # adaptive batching: the longest a request may wait for its batch
+    max_bytes: int  # uploads larger than this get 413
+    max_pixels: int  # images with more pixels get 400 (decompression bombs)
+    max_batch_images: int  # images in one /classify_batch request

@@ -71,3 +71,33 @@ def test_dvc_repro_evaluate(tmp_path):
     shown = dvc(project, "metrics", "show")
     assert "evaluate.json" in shown and "valid_accuracy" in shown
     assert "up to date" in dvc(project, "repro", "evaluate")
+
+
+def test_dvc_repro_predict_makes_a_scored_submission(tmp_path):
+    project = make_project(tmp_path / "project", {
+        "fetch.demo.train_per_class": 16, "fetch.demo.test_count": 12,
+        "fetch.demo.min_side": 48, "fetch.demo.max_side": 80,
+        "prepare.valid_per_class": 4, "prepare.sample_train_per_class": 2, "prepare.sample_valid_per_class": 2,
+        "train.image_size": 32, "train.epochs": 1, "train.batch_size": 8, "train.workers": 0,
+        "evaluate.batch_size": 16, "evaluate.workers": 0, "evaluate.show_images": 4,
+        "export.parity_images": 4, "predict.batch_size": 5, "predict.workers": 2,
+    })
+    log = dvc(project, "repro", "predict")
+    assert "Running stage 'export'" in log and "Running stage 'predict'" in log
+    assert sorted(p.name for p in (project / "models" / "onnx").iterdir()) == ["model.onnx", "model.onnx.data"]
+    exported = json.loads((project / "metrics" / "export.json").read_text())
+    assert exported["max_abs_diff"] <= 1e-4 and exported["ir_version"] <= 13
+
+    with open(project / "data" / "prepared" / "sample_submission.csv") as f:
+        expected = sorted(int(r["id"]) for r in csv.DictReader(f))
+    with open(project / "submissions" / "submission.csv") as f:
+        reader = csv.DictReader(f)
+        assert reader.fieldnames == ["id", "label"]
+        rows = list(reader)
+    assert [int(r["id"]) for r in rows] == expected == list(range(1, 13))
+    clip = json.loads((project / "metrics" / "evaluate.json").read_text())["clip"]
+    assert all(clip - 1e-12 <= float(r["label"]) <= 1 - clip + 1e-12 for r in rows)
+    metrics = json.loads((project / "metrics" / "predict.json").read_text())
+    assert metrics["n"] == 12 and metrics["clip"] == clip and metrics["unreadable"] == []
+    assert 0 <= metrics["accuracy"] <= 1 and metrics["log_loss"] > 0  # scored against the demo's test labels
+    assert "up to date" in dvc(project, "repro", "predict")

@@ -1,0 +1,216 @@
+"""Shared image and model I/O for `predict` and the BentoML service: decode, preprocess, open the ONNX model.
+
+Not a stage: `predict` (`python -m pipeline.predict`) and `serving/service.py` import it. No torch here,
+so the service runs on onnxruntime, numpy and Pillow alone. `load_image` decodes untrusted bytes safely
+(size limit, full decode, EXIF rotation, any mode to RGB); `preprocess` is `pipeline.model.eval_transform`
+in numpy (the tests hold it to 1e-6 of torchvision's); `read_metadata` and `make_session` open the ONNX
+folder written by `export`, whose metadata carries everything preprocessing needs. `validate_submission`
+checks a submission against Kaggle's `sample_submission.csv` (for `predict` and `submit`).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pandas as pd
+from google.protobuf.message import DecodeError
+from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidGraph, InvalidProtobuf, NoSuchFile
+from PIL import Image, ImageOps
+
+log = logging.getLogger("data")
+
+MODEL_FILE = "model.onnx"  # inside the ONNX folder, beside its external data file model.onnx.data
+CUDA, CPU = "CUDAExecutionProvider", "CPUExecutionProvider"
+# metadata_props keys written by `export`, and how to read each back from its string
+METADATA_TYPES = {
+    "classes": json.loads,
+    "image_size": int,
+    "resize_size": int,
+    "layout": str,
+    "mean": json.loads,
+    "std": json.loads,
+    "weights": str,
+    "params_hash": str,
+    "run_key": str,
+    "input_name": str,
+    "output_name": str,
+}
+
+
+class ImageError(ValueError):
+    """An image that cannot be used: not an image, truncated, too large. The message says which."""
+
+
+class ModelError(RuntimeError):
+    """The ONNX folder or the execution provider is not what was asked for; the message says what to do."""
+
+
+def load_image(source: bytes | str | os.PathLike, max_pixels: int) -> Image.Image:
+    """A fully decoded RGB image from a path or bytes; `ImageError` if it is unusable or over `max_pixels`."""
+    name = "image bytes" if isinstance(source, bytes) else str(source)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # we check the size ourselves
+            with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
+                if img.width * img.height > max_pixels:
+                    raise ImageError(f"{name}: {img.width}x{img.height} pixels is over the limit of {max_pixels}")
+                img.load()  # a truncated JPEG opens fine and fails only here
+                return to_rgb(ImageOps.exif_transpose(img))  # phone photos are stored sideways; EXIF says so
+    except ImageError:
+        raise
+    # DecompressionBombError (Pillow's own limit, twice its warning size) is not an OSError
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise ImageError(f"{name} is not a readable image ({e.__class__.__name__}: {e})") from e
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any mode (L, LA, P, RGBA, CMYK, I;16, ...) as RGB; transparent pixels become white."""
+    if img.mode == "RGB":
+        return img
+    if img.mode.startswith("I;16"):  # 16-bit grey: Pillow's convert would clip at 255; keep the top 8 bits
+        grey = np.asarray(img).astype(np.uint16) >> 8
+        return Image.fromarray(grey.astype(np.uint8), "L").convert("RGB")
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def preprocess(
+    img: Image.Image, image_size: int, resize_size: int, mean: tuple[float, ...], std: tuple[float, ...]
+) -> np.ndarray:
+    """`eval_transform` without torch: resize the short side to `resize_size`, centre-crop `image_size`,
+    scale to [0, 1] and normalise. Returns float32 (3, image_size, image_size)."""
+    # torchvision's v2.Resize on a PIL image: short side = size, long side = int(size * long / short),
+    # then Pillow's bilinear resize (antialiased when shrinking), with Pillow's defaults
+    w, h = img.size
+    short, long = min(w, h), max(w, h)
+    new_short, new_long = resize_size, int(resize_size * long / short)
+    new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
+    if (new_w, new_h) != (w, h):
+        img = img.resize((new_w, new_h), Image.BILINEAR, reducing_gap=None)
+    if min(new_w, new_h) < image_size:
+        raise ValueError(f"resize_size {resize_size} is smaller than image_size {image_size}")
+    # torchvision's CenterCrop rounds the offsets
+    top, left = int(round((new_h - image_size) / 2.0)), int(round((new_w - image_size) / 2.0))
+    img = img.crop((left, top, left + image_size, top + image_size))
+    x = np.asarray(img, dtype=np.float32) / np.float32(255)  # (H, W, 3)
+    x = (x - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
+    return np.ascontiguousarray(x.transpose(2, 0, 1))  # (3, H, W)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write `text` to a temporary file beside `path`, then rename it: readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def read_metadata(onnx_dir: str | os.PathLike) -> dict:
+    """The model's contract from the ONNX metadata_props, typed: classes, image_size, mean, std, ..."""
+    path = Path(onnx_dir) / MODEL_FILE
+    if not path.is_file():
+        raise ModelError(f"{path} not found: run 'dvc repro export' first")
+    try:
+        props = {p.key: p.value for p in onnx.load(path, load_external_data=False).metadata_props}
+    except DecodeError as e:
+        raise ModelError(f"{path} is not an ONNX model ({e}): run 'dvc repro export' again") from e
+    missing = sorted(set(METADATA_TYPES) - set(props))
+    if missing:
+        raise ModelError(f"{path} lacks metadata {', '.join(missing)} (not written by export): run 'dvc repro export'")
+    meta = {key: parse(props[key]) for key, parse in METADATA_TYPES.items()}
+    meta["mean"], meta["std"], meta["classes"] = tuple(meta["mean"]), tuple(meta["std"]), tuple(meta["classes"])
+    return meta
+
+
+def make_session(onnx_dir: str | os.PathLike, provider: str) -> tuple[ort.InferenceSession, str]:
+    """An ONNX Runtime session on `provider` (auto | cpu | cuda) and the provider it really got ("cuda"|"cpu").
+
+    onnxruntime-gpu falls back to CPU without raising when CUDA or cuDNN cannot be loaded (it only logs),
+    so the answer comes from `session.get_providers()`: `cuda` then fails, `auto` logs the fallback."""
+    if provider not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"provider must be auto, cpu or cuda, not {provider!r}")
+    path = Path(onnx_dir) / MODEL_FILE
+    if not path.is_file():
+        raise ModelError(f"{path} not found: run 'dvc repro export' first")
+    want_cuda = provider != "cpu" and CUDA in ort.get_available_providers()
+    if provider == "cuda" and not want_cuda:
+        raise ModelError(
+            f"provider is 'cuda' but this onnxruntime has no CUDA provider ({ort.get_available_providers()}): "
+            "install onnxruntime-gpu, or set the provider to auto or cpu"
+        )
+    try:
+        session = ort.InferenceSession(str(path), providers=[CUDA, CPU] if want_cuda else [CPU])
+    except (Fail, InvalidGraph, InvalidProtobuf, NoSuchFile) as e:  # e.g. IR too new, model.onnx.data missing
+        raise ModelError(f"ONNX Runtime {ort.__version__} cannot load {path}: {e}. Run 'dvc repro export' again") from e
+    used = "cuda" if CUDA in session.get_providers() else "cpu"
+    if provider == "cuda" and used != "cuda":
+        raise ModelError(
+            "provider is 'cuda' but ONNX Runtime could not start CUDA (see its message above: usually no GPU, "
+            "or CUDA/cuDNN libraries it cannot load): fix that, or set the provider to auto or cpu"
+        )
+    if provider == "auto" and want_cuda and used != "cuda":
+        log.warning("CUDA provider not obtained (see ONNX Runtime's message above): running on CPU")
+    return session, used
+
+
+# --- the submission file -------------------------------------------------------------------------
+
+
+class SubmissionError(ValueError):
+    """A submission Kaggle would reject or score wrongly; the message lists what is wrong."""
+
+
+def read_sample_ids(path: Path) -> np.ndarray:
+    """The ids Kaggle expects, from sample_submission.csv (`id,label`)."""
+    if not path.exists():
+        raise SubmissionError(f"{path} not found: run 'dvc repro prepare' first")
+    sample = pd.read_csv(path)
+    if list(sample.columns) != ["id", "label"] or not pd.api.types.is_integer_dtype(sample["id"]):
+        raise SubmissionError(f"{path} is not Kaggle's sample submission (integer id, label): run 'dvc repro prepare'")
+    return sample["id"].to_numpy()
+
+
+def _few(values) -> str:
+    """The first few of `values`, for an error message."""
+    values = list(values)
+    return ", ".join(map(str, values[:5])) + (" ..." if len(values) > 5 else "")
+
+
+def validate_submission(df: pd.DataFrame, sample_ids, clip: float) -> None:
+    """Raise SubmissionError unless `df` has header id,label, exactly the sample's ids once each, and
+    every label a number in [clip, 1 - clip]."""
+    if list(df.columns) != ["id", "label"]:
+        raise SubmissionError(f"the header must be id,label, not {','.join(map(str, df.columns))}")
+    problems = []
+    ids = pd.to_numeric(df["id"], errors="coerce")
+    if ids.isna().any() or (ids != ids.round()).any():
+        problems.append(f"ids that are not integers: {_few(df['id'][ids.isna() | (ids != ids.round())])}")
+    duplicated = sorted(set(ids[ids.duplicated()].dropna().astype(int)))
+    if duplicated:
+        problems.append(f"{len(duplicated)} duplicated ids: {_few(duplicated)}")
+    expected, got = set(int(i) for i in sample_ids), set(ids.dropna().astype(int))
+    if expected - got:
+        problems.append(f"{len(expected - got)} missing ids: {_few(sorted(expected - got))}")
+    if got - expected:
+        problems.append(f"{len(got - expected)} ids not in the sample submission: {_few(sorted(got - expected))}")
+    if len(df) != len(expected):
+        problems.append(f"{len(df)} rows where Kaggle expects {len(expected)}")
+    labels = pd.to_numeric(df["label"], errors="coerce")
+    if labels.isna().any():
+        problems.append(f"{int(labels.isna().sum())} labels NaN or not a number (ids {_few(df['id'][labels.isna()])})")
+    outside = (labels < clip - 1e-12) | (labels > 1 - clip + 1e-12)
+    if outside.any():
+        problems.append(f"{int(outside.sum())} labels outside [{clip}, {1 - clip}] (ids {_few(df['id'][outside])})")
+    if problems:
+        raise SubmissionError("; ".join(problems))

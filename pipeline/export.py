@@ -1,0 +1,188 @@
+"""Stage `export`: models/model.pt -> ONNX, checked against PyTorch before it replaces the previous export.
+
+`python -m pipeline.export --model models/model.pt --data data/prepared --out models/onnx --metrics
+metrics/export.json` (run by `dvc repro export`).
+
+The graph is the model plus a softmax: input `image` float32 (N, 3, H, W) NCHW, normalised as
+`pipeline.data.preprocess` does, with a dynamic batch axis; output `probs` (N, 2), P(cat), P(dog). The
+dynamo exporter writes `model.onnx` and its weights beside it in `model.onnx.data`, so the output is
+the folder. The model's contract (classes, input size, layout, mean/std, weights, params hash) goes into
+the ONNX `metadata_props`: predict and the service need nothing but the folder. The export is written to
+a temporary folder and renamed into place only after it passes its own check: `onnx.checker`, ONNX
+Runtime loads it (IR version <= 13 for onnxruntime 1.31), and ONNX Runtime agrees with PyTorch on real
+validation images to `export.tolerance`. A failed check stops the stage with the output path untouched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from pipeline.config import ExportParams, PrepareParams, load_params
+from pipeline.data import (
+    MODEL_FILE,
+    ModelError,
+    atomic_write_text,
+    load_image,
+    make_session,
+    preprocess,
+    read_metadata,
+)
+from pipeline.model import load_model
+
+log = logging.getLogger("export")
+INPUT, OUTPUT = "image", "probs"
+MAX_IR_VERSION = 13  # the newest ONNX IR version onnxruntime(-gpu) 1.31 loads
+
+
+class ExportError(RuntimeError):
+    """The exported model fails its own check; the message says how."""
+
+
+def onnx_metadata(meta: dict) -> dict[str, str]:
+    """The checkpoint's contract as ONNX metadata_props strings (read back by `pipeline.data.read_metadata`)."""
+    params = json.dumps(meta["params"], sort_keys=True)
+    return {
+        "classes": json.dumps(list(meta["classes"])),
+        "image_size": str(meta["image_size"]),
+        "resize_size": str(meta["resize_size"]),
+        "layout": "NCHW",
+        "mean": json.dumps(list(meta["mean"])),
+        "std": json.dumps(list(meta["std"])),
+        "weights": str(meta["weights"]),
+        "params_hash": hashlib.sha256(params.encode()).hexdigest(),
+        "run_key": str(meta["run_key"]),
+        "input_name": INPUT,
+        "output_name": OUTPUT,
+    }
+
+
+def export_onnx(model: nn.Module, image_size: int, dest: Path, metadata: dict[str, str], opset: int) -> int:
+    """Write dest/model.onnx (+ model.onnx.data): probabilities out, batch axis dynamic. Returns the IR version."""
+    probs = nn.Sequential(model, nn.Softmax(dim=1)).eval()
+    example = torch.zeros(2, 3, image_size, image_size)  # batch 2: a batch of 1 could be specialised away
+    program = torch.onnx.export(
+        probs,
+        (example,),
+        dynamo=True,
+        verbose=False,
+        opset_version=opset,
+        input_names=[INPUT],
+        output_names=[OUTPUT],
+        dynamic_shapes=({0: torch.export.Dim("batch")},),
+    )
+    program.model.metadata_props.update(metadata)
+    if program.model.ir_version > MAX_IR_VERSION:
+        # the checker below fails the stage if the opset needs the newer IR
+        log.info("lowering the ONNX IR version %d to %d for ONNX Runtime", program.model.ir_version, MAX_IR_VERSION)
+        program.model.ir_version = MAX_IR_VERSION
+    dest.mkdir(parents=True, exist_ok=True)
+    program.save(dest / MODEL_FILE, external_data=True)
+    return program.model.ir_version
+
+
+def parity_images(valid: Path, n: int) -> list[Path]:
+    """`n` validation images spread evenly over the sorted list, so both classes are in the batch."""
+    paths = sorted(valid.glob("*/*.jpg"))
+    return paths[:: max(1, len(paths) // n)][:n]
+
+
+@torch.no_grad()
+def check_export(onnx_dir: Path, model: nn.Module, images: list, expected: dict[str, str], tolerance: float) -> float:
+    """Check the ONNX folder alone (checker, metadata, ONNX Runtime on CPU) against PyTorch on `images`
+    (PIL images); returns max |P_onnx - P_torch|, or raises ExportError."""
+    onnx.checker.check_model(str(onnx_dir / MODEL_FILE), full_check=True)  # a path: reads the external data too
+    props = {p.key: p.value for p in onnx.load(onnx_dir / MODEL_FILE, load_external_data=False).metadata_props}
+    if props != expected:
+        raise ExportError(f"metadata read back {props} differs from what was written {expected}")
+    meta = read_metadata(onnx_dir)
+    x = np.stack(
+        [preprocess(img, meta["image_size"], meta["resize_size"], meta["mean"], meta["std"]) for img in images]
+    )
+    session, _ = make_session(onnx_dir, "cpu")  # the CPU provider: the reference, on any machine
+    p_onnx = session.run([meta["output_name"]], {meta["input_name"]: x})[0]  # (N, 2)
+    p_torch = torch.softmax(model(torch.from_numpy(x)), dim=1).numpy()
+    if p_onnx.shape != p_torch.shape:
+        raise ExportError(f"ONNX Runtime returned shape {p_onnx.shape}, PyTorch {p_torch.shape}")
+    diff = float(np.abs(p_onnx - p_torch).max())
+    if not diff <= tolerance:  # also catches NaN
+        raise ExportError(
+            f"ONNX Runtime and PyTorch disagree: max |delta P| = {diff:.3g} > export.tolerance {tolerance}"
+        )
+    single = session.run([meta["output_name"]], {meta["input_name"]: x[:1]})[0]  # the batch axis is dynamic
+    if not np.allclose(single, p_onnx[:1], atol=tolerance, rtol=0):
+        raise ExportError("a batch of one gives other probabilities than the same image in a batch")
+    return diff
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description="Export the model to ONNX and check it.")
+    parser.add_argument("--model", type=Path, required=True, help="models/model.pt")
+    parser.add_argument("--data", type=Path, required=True, help="data/prepared: its valid/ images check parity")
+    parser.add_argument("--out", type=Path, required=True, help="the ONNX folder")
+    parser.add_argument("--metrics", type=Path, required=True)
+    parser.add_argument("--params", default="params.yaml")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    for name in ("onnxscript", "onnx_ir"):  # their INFO lines narrate every optimisation pass
+        logging.getLogger(name).setLevel(logging.WARNING)
+    p = load_params(ExportParams, "export", args.params)
+    max_pixels = load_params(PrepareParams, "prepare", args.params).max_pixels  # what prepare accepted
+    try:
+        model, meta = load_model(args.model, "cpu")
+    except FileNotFoundError as e:
+        raise SystemExit(str(e)) from None
+    paths = parity_images(args.data / "valid", p.parity_images)
+    if not paths:
+        raise SystemExit(f"no images in {args.data / 'valid'}: run 'dvc repro prepare' first")
+    images = [load_image(path, max_pixels) for path in paths]
+
+    work = args.out.parent / f".{args.out.name}.tmp"
+    if work.exists():
+        shutil.rmtree(work)
+    t0 = time.perf_counter()
+    metadata = onnx_metadata(meta)
+    ir_version = export_onnx(model, meta["image_size"], work, metadata, p.opset)
+    seconds = time.perf_counter() - t0
+    try:
+        diff = check_export(work, model, images, metadata, p.tolerance)
+    except (ExportError, ModelError, onnx.checker.ValidationError) as e:
+        raise SystemExit(f"export failed its check, {args.out} is unchanged ({work} kept to inspect): {e}") from None
+    if args.out.exists():
+        shutil.rmtree(args.out)
+    work.rename(args.out)  # the checked folder appears at once
+
+    size = sum(f.stat().st_size for f in args.out.iterdir())
+    metrics = {
+        "max_abs_diff": diff,
+        "parity_images": len(images),
+        "onnx_bytes": size,
+        "opset": p.opset,
+        "ir_version": ir_version,
+        "export_seconds": round(seconds, 2),
+    }
+    atomic_write_text(args.metrics, json.dumps(metrics, indent=2) + "\n")
+    log.info(
+        "wrote %s (%.1f MiB, opset %d, IR %d) in %.0fs; ONNX Runtime vs PyTorch on %d images: max |delta P| %.2g",
+        args.out,
+        size / 2**20,
+        p.opset,
+        ir_version,
+        seconds,
+        len(images),
+        diff,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,224 @@
+"""Stage `predict`: the test set through the ONNX model -> a checked, clipped `submissions/submission.csv`.
+
+`python -m pipeline.predict --onnx models/onnx --data data/prepared --evaluate metrics/evaluate.json
+--labels data/raw/demo_test_labels.csv --submission submissions/submission.csv --metrics
+metrics/predict.json` (run by `dvc repro predict`).
+
+ONNX Runtime runs on CUDA when the session really gets it (onnxruntime-gpu falls back to CPU without
+raising, so `session.get_providers()` decides) and on CPU otherwise; the log says which. Threads decode
+and resize the JPEGs a few batches ahead of the model. `sample_submission.csv` is the authority on the
+ids: an id whose image is missing, was rejected by prepare or does not decode gets P(dog) = 0.5 and is
+listed in the metrics and the log, never dropped. P(dog) is clipped to [c, 1-c] (c from the validation
+set, or fixed), and the file is validated against the sample before it is written, atomically. With the
+demo's hidden labels the submission is scored (log loss, accuracy), so the whole chain, ids included, is
+checked end to end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import os
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from sklearn.metrics import log_loss
+from tqdm import tqdm
+
+from pipeline.config import PredictParams, load_params
+from pipeline.data import (
+    ImageError,
+    ModelError,
+    SubmissionError,
+    atomic_write_text,
+    load_image,
+    make_session,
+    preprocess,
+    read_metadata,
+    read_sample_ids,
+    validate_submission,
+)
+
+log = logging.getLogger("predict")
+UNREADABLE_P = 0.5  # an image we cannot see: P = 0.5 costs log 2, the least when nothing is known
+
+
+def resolve_clip(setting: str | float, evaluate_metrics: Path) -> float:
+    """predict.clip: a number, or "evaluate" for the clip chosen on the validation set."""
+    if setting == "evaluate":
+        if not evaluate_metrics.exists():
+            raise SystemExit(f"{evaluate_metrics} not found: run 'dvc repro evaluate', or set predict.clip to a number")
+        clip = json.loads(evaluate_metrics.read_text())["clip"]
+    else:
+        clip = setting
+    if not 0 <= clip < 0.5:
+        raise SystemExit(f"clip {clip} is outside [0, 0.5): P(dog) would be clipped to an empty range")
+    return float(clip)
+
+
+def rejected_by_prepare(data: Path) -> dict[int, str]:
+    """{test id: why prepare rejected it}, from data/prepared/rejected.csv."""
+    path = data / "rejected.csv"
+    if not path.exists():
+        return {}
+    with open(path, newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r["path"].startswith("rejected/test/")]
+    return {int(Path(r["path"]).stem): r["reason"] for r in rows}
+
+
+def load_input(path: Path, meta: dict, max_pixels: int) -> np.ndarray | ImageError:
+    """One image as the model's input (3, H, W), or the reason it cannot be. Runs in a decode thread."""
+    try:
+        return preprocess(
+            load_image(path, max_pixels), meta["image_size"], meta["resize_size"], meta["mean"], meta["std"]
+        )
+    except ImageError as e:
+        return e
+
+
+def decoded_batches(items: list, load, batch_size: int, pool: ThreadPoolExecutor, ahead: int = 2):
+    """Yield (batch of items, their `load(item)` results), keeping `ahead` batches decoding while the model runs."""
+    pending: deque = deque()
+    for start in range(0, len(items), batch_size):
+        batch = items[start : start + batch_size]
+        pending.append((batch, [pool.submit(load, item) for item in batch]))
+        if len(pending) > ahead:
+            batch, futures = pending.popleft()
+            yield batch, [f.result() for f in futures]
+    while pending:
+        batch, futures = pending.popleft()
+        yield batch, [f.result() for f in futures]
+
+
+def run_model(session, meta: dict, x: np.ndarray, tta: bool) -> np.ndarray:
+    """P(dog) for a batch x (N, 3, H, W); with `tta`, the mean over the images and their mirror images."""
+    if tta:
+        x = np.concatenate([x, x[..., ::-1]])  # one call: the mirrors fill the same batch
+    probs = session.run([meta["output_name"]], {meta["input_name"]: x})[0]  # (N or 2N, 2)
+    p_dog = probs[:, meta["classes"].index("dogs")]
+    return (p_dog[: len(p_dog) // 2] + p_dog[len(p_dog) // 2 :]) / 2 if tta else p_dog
+
+
+def build_submission(ids: np.ndarray, p_dog: np.ndarray, clip: float) -> pd.DataFrame:
+    """`id,label` sorted by numeric id, label = P(dog) clipped to [clip, 1 - clip]."""
+    p_dog = np.asarray(p_dog, dtype=np.float64)  # clipped in float32, 0.02 would fall below 0.02
+    df = pd.DataFrame({"id": ids, "label": np.clip(p_dog, clip, 1 - clip)})
+    return df.sort_values("id", kind="stable").reset_index(drop=True)
+
+
+def score(df: pd.DataFrame, labels_path: Path) -> dict:
+    """Log loss and accuracy of the submission against the demo's hidden labels (label 1 = dog)."""
+    truth = pd.read_csv(labels_path)
+    if sorted(truth["id"]) != sorted(df["id"]):
+        raise SystemExit(f"the ids in {labels_path} differ from the submission's: the chain lost or renamed images")
+    merged = df.merge(truth, on="id", suffixes=("", "_true"))
+    y, p = merged["label_true"].to_numpy(), merged["label"].to_numpy()
+    return {"accuracy": float(np.mean((p > 0.5) == (y == 1))), "log_loss": float(log_loss(y, p, labels=[0, 1]))}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description="Predict the test set and write the Kaggle submission.")
+    parser.add_argument("--onnx", type=Path, required=True, help="the ONNX folder written by export")
+    parser.add_argument("--data", type=Path, required=True, help="data/prepared")
+    parser.add_argument("--evaluate", type=Path, required=True, help="metrics/evaluate.json: the clip")
+    parser.add_argument("--labels", type=Path, help="hidden test labels (the demo's): score the submission")
+    parser.add_argument("--submission", type=Path, required=True)
+    parser.add_argument("--metrics", type=Path, required=True)
+    parser.add_argument("--params", default="params.yaml")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    p = load_params(PredictParams, "predict", args.params)
+    try:
+        meta = read_metadata(args.onnx)
+        session, provider = make_session(args.onnx, p.provider)
+    except ModelError as e:
+        raise SystemExit(f"predict failed: {e}") from None
+    if meta["layout"] != "NCHW" or "dogs" not in meta["classes"]:
+        raise SystemExit(f"{args.onnx}: layout {meta['layout']}, classes {meta['classes']}: expected NCHW with 'dogs'")
+    log.info("ONNX Runtime on %s (session providers %s)", provider, session.get_providers())
+    clip = resolve_clip(p.clip, args.evaluate)
+    try:
+        ids = read_sample_ids(args.data / "sample_submission.csv").tolist()
+    except SubmissionError as e:
+        raise SystemExit(f"predict failed: {e}") from None
+
+    # which ids have an image to predict; the others are unreadable, with the reason
+    test_dir = args.data / "test" / "unknown"
+    on_disk = {int(f.stem): f for f in test_dir.glob("*.jpg") if f.stem.isdigit()}
+    rejected = rejected_by_prepare(args.data)
+    unreadable = {
+        i: f"rejected by prepare: {rejected[i]}" if i in rejected else f"no image {test_dir}/{i}.jpg"
+        for i in ids
+        if i not in on_disk
+    }
+    extra = sorted(set(on_disk) - set(ids))
+    if extra:
+        log.warning("%d test images not in the sample submission, not predicted: %s", len(extra), extra[:10])
+    todo = [i for i in ids if i in on_disk]
+
+    # decode threads: Pillow releases the GIL while decoding and resizing, so threads run in parallel
+    # without pickling each (3, H, W) array back from a process, and ONNX Runtime's own threads share the cores
+    p_dog: dict[int, float] = {}
+    load = lambda i: load_input(on_disk[i], meta, p.max_pixels)  # noqa: E731
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(p.workers or os.cpu_count() or 1) as pool:
+        batches = decoded_batches(todo, load, p.batch_size, pool)
+        for batch, results in tqdm(batches, desc="predict", total=-(-len(todo) // p.batch_size), mininterval=2):
+            good = {i: x for i, x in zip(batch, results, strict=True) if not isinstance(x, ImageError)}
+            unreadable.update((i, str(x)) for i, x in zip(batch, results, strict=True) if isinstance(x, ImageError))
+            if good:
+                probs = run_model(session, meta, np.stack(list(good.values())), p.tta)
+                p_dog.update(zip(good, probs, strict=True))
+    seconds = time.perf_counter() - t0
+    if len(unreadable) == len(ids):
+        raise SystemExit(f"none of the {len(ids)} test images could be read: run 'dvc repro prepare' again")
+    for i, reason in sorted(unreadable.items()):
+        log.warning("test image %d unreadable, predicted %.1f: %s", i, UNREADABLE_P, reason)
+        p_dog[i] = UNREADABLE_P
+
+    df = build_submission(np.array(ids), np.array([p_dog[i] for i in ids]), clip)
+    try:
+        validate_submission(df, ids, clip)
+    except SubmissionError as e:  # a bug here, never a property of the data: nothing is written
+        raise SystemExit(f"predict built an invalid submission, not written: {e}") from None
+    args.submission.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.submission.with_name(f".{args.submission.name}.tmp")
+    df.to_csv(tmp, index=False)
+    os.replace(tmp, args.submission)  # an interrupted run never leaves half a submission
+
+    metrics = {
+        "n": len(df),
+        "provider": provider,
+        "images_per_second": round(len(todo) / seconds, 1) if todo else 0.0,
+        "tta": p.tta,
+        "clip": clip,
+        "n_unreadable": len(unreadable),
+        "unreadable": [{"id": i, "reason": r} for i, r in sorted(unreadable.items())],
+    }
+    if args.labels is not None and args.labels.exists():
+        metrics.update(score(df, args.labels))
+        log.info(
+            "scored against %s: accuracy %.4f  log_loss %.4f", args.labels, metrics["accuracy"], metrics["log_loss"]
+        )
+    elif args.labels is not None:
+        log.info("%s not found (only the demo data has test labels): the submission is not scored", args.labels)
+    atomic_write_text(args.metrics, json.dumps(metrics, indent=2) + "\n")
+    log.info(
+        "wrote %s: %d rows, clip %.4f, %d unreadable; %.1f images/s on %s",
+        args.submission,
+        len(df),
+        clip,
+        len(unreadable),
+        metrics["images_per_second"],
+        provider,
+    )
+
+
+if __name__ == "__main__":
+    main()

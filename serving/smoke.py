@@ -1,0 +1,86 @@
+"""Smoke check of the served model: start `bentoml serve`, classify one photo over HTTP, stop.
+
+`python -m serving.smoke data/prepared/test/unknown/1.jpg` (the last step of `make demo`). Uses the
+latest `dogs-vs-cats` model in the BentoML store (`dvc repro package` puts it there), a free port on
+127.0.0.1, and stops the service with SIGTERM, as `make serve` would be stopped. The helpers here
+(`start`, `wait_ready`, `stop`) are also what the tests use to run the real server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import requests
+
+ROOT = Path(__file__).resolve().parents[1]
+SERVICE = "serving.service:DogsVsCats"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(port: int, env: dict | None = None, log=None) -> subprocess.Popen:
+    """`bentoml serve` on 127.0.0.1:`port`, in its own process group (the API and the model service)."""
+    bentoml = Path(sys.executable).parent / "bentoml"
+    cmd = [str(bentoml), "serve", SERVICE, "--host", "127.0.0.1", "--port", str(port)]
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def wait_ready(url: str, proc: subprocess.Popen, seconds: float = 180) -> None:
+    """Return once GET /readyz answers 200; raise if the server exits or `seconds` pass first."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"bentoml serve exited with code {proc.returncode} before it was ready")
+        try:
+            if requests.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return
+        except (requests.ConnectionError, requests.Timeout):  # not listening yet, or still starting up
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{url}/readyz did not answer 200 within {seconds:.0f} s")
+
+
+def stop(proc: subprocess.Popen, seconds: float = 60) -> int:
+    """SIGTERM the server's process group and wait; kill it if it does not stop in time."""
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        return proc.wait(timeout=seconds)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description="Serve the model, classify one photo over HTTP, stop.")
+    parser.add_argument("image", type=Path)
+    args = parser.parse_args(argv)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    print(f"starting {SERVICE} on {url} ...", flush=True)
+    proc = start(port, log=subprocess.DEVNULL)
+    try:
+        wait_ready(url, proc)
+        with open(args.image, "rb") as f:
+            r = requests.post(f"{url}/classify", files={"image": (args.image.name, f)}, timeout=120)
+        print(f"POST /classify {args.image} -> {r.status_code} {json.dumps(r.json())}")
+        if r.status_code != 200:
+            raise SystemExit(1)
+    finally:
+        code = stop(proc)
+        print(f"service stopped (exit code {code})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,152 @@
+"""export: the real dynamo exporter on a small random-weights CNN: parity with PyTorch, metadata round trip,
+dynamic batch, IR version, and a failed check that keeps the previous export."""
+
+import copy
+import hashlib
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+import yaml
+from PIL import Image
+from torch import nn
+
+from pipeline import export
+from pipeline.data import MODEL_FILE, make_session, read_metadata
+from pipeline.export import MAX_IR_VERSION, ExportError, check_export, export_onnx, onnx_metadata
+from pipeline.model import CLASSES, MEAN, STD, resize_size
+from tests.conftest import ROOT
+
+SIZE = 16
+
+
+def tiny_model() -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 2)
+    ).eval()
+    with torch.no_grad():
+        model[-1].weight *= 40  # confident outputs: parity near P = 0.5 would prove little
+    return model
+
+
+def checkpoint_meta(**params) -> dict:
+    """models/model.pt's keys other than the weights, as `load_model` returns them."""
+    return {
+        "arch": "tiny",
+        "classes": CLASSES,
+        "image_size": SIZE,
+        "resize_size": resize_size(SIZE),
+        "mean": MEAN,
+        "std": STD,
+        "weights": "none",
+        "params": {"image_size": SIZE, "lr": 0.03, **params},
+        "run_key": "0123456789abcdef",
+        "history": [],
+    }
+
+
+def images(n: int) -> list[Image.Image]:
+    """Noisy images of varied size and colour."""
+    rng = np.random.default_rng(1)
+    out = []
+    for i in range(n):
+        colour = rng.integers(0, 256, 3)
+        pixels = np.clip(colour + rng.normal(0, 40, (30 + i, 25 + 2 * i, 3)), 0, 255).astype(np.uint8)
+        out.append(Image.fromarray(pixels))
+    return out
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    model, meta = tiny_model(), checkpoint_meta()
+    dest = tmp_path_factory.mktemp("export") / "onnx"
+    ir_version = export_onnx(model, SIZE, dest, onnx_metadata(meta), opset=20)
+    return dest, model, meta, ir_version
+
+
+def test_onnx_matches_pytorch(exported):
+    dest, model, meta, _ = exported
+    diff = check_export(dest, model, images(6), onnx_metadata(meta), tolerance=1e-4)
+    assert diff <= 1e-5
+    assert sorted(f.name for f in dest.iterdir()) == ["model.onnx", "model.onnx.data"]
+
+
+def test_metadata_round_trip(exported):
+    dest, _, meta, _ = exported
+    got = read_metadata(dest)
+    assert got["classes"] == CLASSES and got["layout"] == "NCHW"
+    assert (got["image_size"], got["resize_size"]) == (SIZE, resize_size(SIZE))
+    assert got["mean"] == MEAN and got["std"] == STD and got["weights"] == "none"
+    assert got["params_hash"] == hashlib.sha256(json.dumps(meta["params"], sort_keys=True).encode()).hexdigest()
+    assert got["run_key"] == meta["run_key"] and (got["input_name"], got["output_name"]) == ("image", "probs")
+    assert onnx_metadata(checkpoint_meta(lr=0.1))["params_hash"] != got["params_hash"]
+
+
+def test_graph_is_valid_with_a_dynamic_batch_and_softmax_output(exported):
+    dest, model, _, ir_version = exported
+    onnx.checker.check_model(str(dest / MODEL_FILE), full_check=True)
+    proto = onnx.load(dest / MODEL_FILE, load_external_data=False)
+    assert proto.ir_version == ir_version <= MAX_IR_VERSION
+    assert [i.name for i in proto.graph.input] == ["image"] and [o.name for o in proto.graph.output] == ["probs"]
+    assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # symbolic: any batch size
+    session, _ = make_session(dest, "cpu")
+    for n in (1, 3, 7):
+        x = np.random.default_rng(n).normal(size=(n, 3, SIZE, SIZE)).astype(np.float32)
+        probs = session.run(["probs"], {"image": x})[0]
+        assert probs.shape == (n, 2)
+        np.testing.assert_allclose(probs.sum(1), 1, atol=1e-6)
+        with torch.no_grad():
+            expected = torch.softmax(model(torch.from_numpy(x)), 1).numpy()
+        np.testing.assert_allclose(probs, expected, atol=1e-5)
+
+
+def test_check_fails_when_onnx_and_pytorch_disagree(exported):
+    dest, model, meta, _ = exported
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        other[-1].bias += torch.tensor([0.5, -0.5])
+    with pytest.raises(ExportError, match="disagree: max"):
+        check_export(dest, other, images(4), onnx_metadata(meta), tolerance=1e-4)
+    with pytest.raises(ExportError, match="metadata read back"):
+        check_export(dest, model, images(4), onnx_metadata(checkpoint_meta(lr=0.1)), tolerance=1e-4)
+
+
+def write_project(tmp_path):
+    """data/prepared/valid with a few images, and a params.yaml."""
+    for k, img in enumerate(images(6)):
+        folder = tmp_path / "data" / "prepared" / "valid" / ("cats", "dogs")[k % 2]
+        folder.mkdir(parents=True, exist_ok=True)
+        img.save(folder / f"{('cat', 'dog')[k % 2]}.{k}.jpg")
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["export"]["parity_images"] = 4
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    return [
+        "--model", str(tmp_path / "models" / "model.pt"), "--data", str(tmp_path / "data" / "prepared"),
+        "--out", str(tmp_path / "models" / "onnx"), "--metrics", str(tmp_path / "metrics" / "export.json"),
+        "--params", str(tmp_path / "params.yaml"),
+    ]  # fmt: skip
+
+
+def test_main_writes_the_folder_and_metrics_and_keeps_them_on_a_failed_check(tmp_path, monkeypatch):
+    argv = write_project(tmp_path)
+    monkeypatch.setattr(export, "load_model", lambda path, device: (tiny_model(), checkpoint_meta()))
+    export.main(argv)
+    out = tmp_path / "models" / "onnx"
+    assert sorted(f.name for f in out.iterdir()) == ["model.onnx", "model.onnx.data"]
+    assert not (tmp_path / "models" / ".onnx.tmp").exists()
+    metrics = json.loads((tmp_path / "metrics" / "export.json").read_text())
+    assert metrics["max_abs_diff"] <= 1e-4 and metrics["parity_images"] == 4 and metrics["opset"] == 20
+    assert metrics["onnx_bytes"] == sum(f.stat().st_size for f in out.iterdir())
+    assert metrics["ir_version"] <= MAX_IR_VERSION and metrics["export_seconds"] > 0
+    before = (out / "model.onnx").read_bytes()
+
+    def wrong(*args, **kwargs):
+        raise ExportError("ONNX Runtime and PyTorch disagree: max |delta P| = 0.3 > export.tolerance 0.0001")
+
+    monkeypatch.setattr(export, "check_export", wrong)
+    with pytest.raises(SystemExit, match="export failed its check, .* is unchanged"):
+        export.main(argv)
+    assert (out / "model.onnx").read_bytes() == before

@@ -1,0 +1,313 @@
+"""The BentoML service: upload checks called directly, then the real `bentoml serve` over HTTP.
+
+The integration fixture runs the real stages on a tiny demo set (train -> export -> package into a
+temporary BENTOML_HOME), starts `bentoml serve` on 127.0.0.1 and a free port, and waits for /readyz.
+"""
+
+import io
+import os
+import re
+import subprocess
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from http import HTTPStatus
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+import yaml
+from PIL import Image
+
+from pipeline.data import make_session, read_metadata
+from pipeline.demo import write_demo_zip
+from pipeline.predict import load_input, run_model
+from pipeline.prepare import prepare
+from serving.service import BadUpload, DogsVsCats
+from serving.smoke import free_port, start, stop, wait_ready
+from tests.conftest import BIN, ROOT, tiny_demo, tiny_prepare, tool_env
+
+MAX_BYTES, MAX_PIXELS = 300_000, 4_000_000
+
+
+def encode(img: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def photo(size=(90, 70)) -> Image.Image:
+    rng = np.random.default_rng(0)
+    return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+
+
+def truncated_jpeg() -> bytes:
+    whole = encode(photo((200, 150)), "JPEG")
+    return whole[: len(whole) * 2 // 3]
+
+
+def bomb_png() -> bytes:
+    """A few KB of PNG that decodes to 6000 x 6000 pixels."""
+    return encode(Image.new("1", (6000, 6000)), "PNG")
+
+
+BAD = {  # name -> (files for requests, expected status, words in the error)
+    "not an image": ({"image": ("a.jpg", b"hello, I am text")}, 400, "not a readable image"),
+    "truncated jpeg": ({"image": ("a.jpg", truncated_jpeg())}, 400, "truncated"),
+    "decompression bomb": ({"image": ("a.png", bomb_png())}, 400, "over the limit"),
+    "empty file": ({"image": ("a.jpg", b"")}, 400, "empty"),
+    "over byte limit": ({"image": ("a.jpg", os.urandom(MAX_BYTES + 10))}, 413, "bytes"),
+}
+
+
+# --- unit: the service class's own checks ------------------------------------------------------------
+
+
+@pytest.fixture
+def service():
+    svc = object.__new__(DogsVsCats.inner)  # the class behind the decorator, without loading a model
+    svc.meta = {
+        "image_size": 32,
+        "resize_size": 37,
+        "mean": (0.485, 0.456, 0.406),
+        "std": (0.229, 0.224, 0.225),
+        "classes": ("cats", "dogs"),
+    }
+    svc.dog = 1
+    return svc
+
+
+@pytest.mark.parametrize("name", [n for n in BAD if n != "over byte limit"])
+def test_bad_uploads_are_refused_with_a_message(service, tmp_path, monkeypatch, name):
+    monkeypatch.setattr("serving.service.SERVE", type("S", (), {"max_bytes": MAX_BYTES, "max_pixels": MAX_PIXELS}))
+    files, status, words = BAD[name]
+    upload = tmp_path / "upload"
+    upload.write_bytes(files["image"][1])
+    with pytest.raises(BadUpload) as e:
+        service.load(upload, "image")
+    assert e.value.status == status and words in str(e.value)
+    assert str(upload) not in str(e.value)  # server paths stay private
+
+
+def test_odd_formats_become_rgb_model_inputs(service, tmp_path):
+    base = photo()
+    variants = {
+        "gif": encode(base.convert("P"), "GIF"),
+        "png rgba": encode(base.convert("RGBA"), "PNG"),
+        "grey": encode(base.convert("L"), "PNG"),
+        "cmyk jpeg": encode(base.convert("CMYK"), "JPEG"),
+        "16-bit png": encode(Image.fromarray(np.asarray(base.convert("L"), np.uint16) * 257), "PNG"),
+    }
+    for name, data in variants.items():
+        path = tmp_path / name.replace(" ", "_")
+        path.write_bytes(data)
+        x = service.load(path, "image")
+        assert x.shape == (3, 32, 32) and x.dtype == np.float32 and np.isfinite(x).all(), name
+
+
+def test_exif_rotation_is_applied(service, tmp_path):
+    upright = photo((90, 60))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: stored rotated, display turned 90 degrees clockwise
+    stored = upright.transpose(Image.Transpose.ROTATE_90)  # what a phone writes
+    (tmp_path / "tagged.png").write_bytes(encode(stored, "PNG", exif=exif))
+    (tmp_path / "upright.png").write_bytes(encode(upright, "PNG"))
+    np.testing.assert_array_equal(
+        service.load(tmp_path / "tagged.png", "image"), service.load(tmp_path / "upright.png", "image")
+    )
+
+
+def test_answer_shape(service):
+    assert service.answer(np.array([0.2, 0.8])) == {"label": "dog", "p_dog": 0.8, "p_cat": pytest.approx(0.2)}
+    assert service.answer(np.array([0.9, 0.1]))["label"] == "cat"
+
+
+# --- integration: the real `bentoml serve` -----------------------------------------------------------
+
+
+def run(*args, env=None):
+    done = subprocess.run(
+        [str(BIN / "python"), *args], cwd=ROOT, env=env or tool_env(), capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr
+    return done
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """A tiny model trained, exported and packaged by the real stages, served by the real `bentoml serve`."""
+    tmp = tmp_path_factory.mktemp("serve")
+    write_demo_zip(tmp / "c.zip", tmp / "labels.csv", tiny_demo(train_per_class=24, test_count=2))
+    prepare(tmp / "c.zip", tmp / "prepared", tiny_prepare(valid_per_class=4))
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["train"].update(image_size=32, epochs=1, batch_size=8, workers=0, device="cpu")
+    params["serve"].update(max_bytes=MAX_BYTES, max_pixels=MAX_PIXELS, max_batch_size=8, max_latency_ms=20000)
+    (tmp / "params.yaml").write_text(yaml.safe_dump(params))
+    p = ["--params", str(tmp / "params.yaml")]
+    run("-m", "pipeline.features", "--data", str(tmp / "prepared"), "--out", str(tmp / "features"), *p)
+    run(
+        "-m",
+        "pipeline.train",
+        "--data",
+        str(tmp / "prepared"),
+        "--features",
+        str(tmp / "features"),
+        "--model",
+        str(tmp / "model.pt"),
+        "--checkpoint",
+        str(tmp / "ckpt.pt"),
+        "--live",
+        str(tmp / "live"),
+        *p,
+    )
+    (tmp / "metrics").mkdir()
+    run(
+        "-m",
+        "pipeline.export",
+        "--model",
+        str(tmp / "model.pt"),
+        "--data",
+        str(tmp / "prepared"),
+        "--out",
+        str(tmp / "onnx"),
+        "--metrics",
+        str(tmp / "metrics" / "export.json"),
+        *p,
+    )
+    env = {**tool_env(), "BENTOML_HOME": str(tmp / "bentoml"), "DOGSCATS_PARAMS": str(tmp / "params.yaml")}
+    run(
+        "-m",
+        "pipeline.package",
+        "--onnx",
+        str(tmp / "onnx"),
+        "--metrics",
+        str(tmp / "metrics"),
+        "--out",
+        str(tmp / "bentoml-model.json"),
+        *p,
+        env=env,
+    )
+
+    port = free_port()
+    log = open(tmp / "serve.log", "w")
+    proc = start(port, env, log)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(url, proc)
+    except (RuntimeError, TimeoutError) as e:
+        stop(proc)
+        pytest.fail(f"{e}:\n{(tmp / 'serve.log').read_text()}")
+    yield {"url": url, "tmp": tmp, "env": env, "proc": proc}
+    assert stop(proc) is not None  # SIGTERM stops the API and the model service within a minute
+    log.close()
+
+
+def post(served, files, endpoint="classify"):
+    return requests.post(f"{served['url']}/{endpoint}", files=files, timeout=120)
+
+
+def valid_images(served) -> list[Path]:
+    valid = served["tmp"] / "prepared" / "valid"
+    return [sorted((valid / "cats").iterdir())[0], sorted((valid / "dogs").iterdir())[0]]
+
+
+@pytest.mark.slow
+def test_model_is_in_the_store_with_its_metadata(served):
+    done = run("-m", "bentoml", "models", "get", "dogs-vs-cats:latest", "-o", "json", env=served["env"])
+    assert '"image_size": 32' in done.stdout and "max_abs_diff" in done.stdout
+
+
+@pytest.mark.slow
+def test_classify_gives_what_predict_gives(served):
+    onnx_dir = served["tmp"] / "onnx"
+    session, _ = make_session(onnx_dir, "cpu")
+    meta = read_metadata(onnx_dir)
+    answers = []
+    for path in valid_images(served):
+        r = post(served, {"image": (path.name, path.read_bytes(), "image/jpeg")})
+        assert r.status_code == 200, r.text
+        answer = r.json()
+        expected = float(run_model(session, meta, load_input(path, meta, MAX_PIXELS)[None], tta=False)[0])
+        assert abs(answer["p_dog"] - expected) <= 1e-5
+        assert answer["p_cat"] == pytest.approx(1 - answer["p_dog"]) and answer["label"] in ("cat", "dog")
+        answers.append(answer)
+    files = [("images", (p.name, p.read_bytes(), "image/jpeg")) for p in valid_images(served)]
+    r = post(served, files, "classify_batch")
+    assert r.status_code == 200, r.text
+    assert [a["p_dog"] for a in r.json()] == pytest.approx([a["p_dog"] for a in answers], abs=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(BAD))
+def test_bad_input_gets_a_4xx_with_a_message(served, name):
+    files, status, words = BAD[name]
+    r = post(served, files)
+    assert r.status_code == status, r.text
+    assert words in r.json()["error"]
+
+
+@pytest.mark.slow
+def test_wrong_field_no_body_and_bad_batch_get_400(served):
+    path = valid_images(served)[0]
+    r = post(served, {"photo": (path.name, path.read_bytes())})
+    assert r.status_code == 400 and "field 'image'" in r.json()["error"]
+    r = requests.post(f"{served['url']}/classify", timeout=30)
+    assert r.status_code == 400
+    files = [("images", ("a.jpg", path.read_bytes())), ("images", ("b.jpg", truncated_jpeg()))]
+    r = post(served, files, "classify_batch")
+    assert r.status_code == 400 and "image 2" in r.json()["error"]
+
+
+@pytest.mark.slow
+def test_odd_formats_are_classified_over_http(served):
+    base = photo()
+    for fmt, img, kw in [
+        ("GIF", base.convert("P"), {}),
+        ("PNG", base.convert("RGBA"), {}),
+        ("PNG", base.convert("L"), {}),
+        ("JPEG", base.convert("CMYK"), {}),
+    ]:
+        r = post(served, {"image": (f"x.{fmt.lower()}", encode(img, fmt, **kw))})
+        assert r.status_code == 200, (fmt, img.mode, r.text)
+
+
+@pytest.mark.slow
+def test_still_answers_after_50_bad_requests(served):
+    for i in range(50):
+        files, status, _ = list(BAD.values())[i % len(BAD)]
+        assert post(served, files).status_code == status
+    path = valid_images(served)[1]
+    r = post(served, {"image": (path.name, path.read_bytes())})
+    assert r.status_code == 200 and 0 <= r.json()["p_dog"] <= 1
+
+
+def batch_histogram(served) -> tuple[float, float]:
+    """(batches of one request, all batches) from the Classifier's adaptive batching histogram."""
+    text = requests.get(f"{served['url']}/metrics", timeout=30).text
+    ones = re.findall(r'adaptive_batch_size_bucket\{le="1\.0",[^}]*service_name="Classifier"[^}]*\} (\S+)', text)
+    count = re.findall(r'adaptive_batch_size_count\{[^}]*service_name="Classifier"[^}]*\} (\S+)', text)
+    assert ones and count, text[:2000]
+    return sum(map(float, ones)), sum(map(float, count))
+
+
+@pytest.mark.slow
+def test_concurrent_clients_share_batches(served):
+    ones_before, count_before = batch_histogram(served)
+    paths = valid_images(served)
+    stop = time.monotonic() + 8  # bounded: every client stops by itself
+    results, lock = [], threading.Lock()
+
+    def client(i: int) -> None:
+        path = paths[i % 2]
+        while time.monotonic() < stop:
+            r = post(served, {"image": (path.name, path.read_bytes())})
+            with lock:
+                results.append(r.status_code)
+
+    with ThreadPoolExecutor(32) as pool:
+        list(pool.map(client, range(32)))
+    assert results and set(results) == {HTTPStatus.OK}, f"{len(results)} requests, statuses {set(results)}"
+    ones, count = batch_histogram(served)
+    assert count - count_before > 0
+    assert (count - count_before) - (ones - ones_before) > 0, "no forward pass served more than one request"
