@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader
 from torchvision.datasets import ImageFolder
 
 from pipeline.config import EvaluateParams, load_params
+from pipeline.data import atomic_write_text
 from pipeline.model import eval_transform, load_model, pick_device, predict_logits
 
 log = logging.getLogger("evaluate")
@@ -103,13 +104,6 @@ def evaluate(probs: np.ndarray, logits: np.ndarray, y: np.ndarray, p: EvaluatePa
         scaled = log_loss(softmax(logits / t)[:, 1], y)
         metrics.update(temperature=t, log_loss_temperature=scaled, temperature_beats_clip=scaled < clipped)
     return metrics, curve
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def main(argv=None) -> None:

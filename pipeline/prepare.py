@@ -36,6 +36,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from pipeline.config import PrepareParams, load_params
+from pipeline.data import atomic_write_text
 
 log = logging.getLogger("prepare")
 TRAIN_NAME = re.compile(r"^train/(cat|dog)\.(\d+)\.jpg$")
@@ -220,10 +221,7 @@ def main(argv=None) -> None:
         metrics = prepare(args.zip, args.out, params)
     except (PrepareError, zipfile.BadZipFile) as e:
         raise SystemExit(f"prepare failed: {e}") from None
-    args.metrics.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.metrics.with_suffix(".tmp")
-    tmp.write_text(json.dumps(metrics, indent=2) + "\n")
-    tmp.replace(args.metrics)
+    atomic_write_text(args.metrics, json.dumps(metrics, indent=2) + "\n")
     for r in metrics["rejected"]:
         log.warning("rejected %s: %s", r["path"], r["reason"])
     log.info("prepared %s: %s", args.out, json.dumps(metrics["counts"]))
