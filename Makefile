@@ -49,6 +49,7 @@ serve: install
 
 bench: install
 	$(BIN)/python bench/train_bench.py
+	$(BIN)/python bench/infer_bench.py --device cpu
 
 lint: install
 	$(BIN)/ruff check pipeline serving tests bench

@@ -107,8 +107,9 @@ def features_img_s(bs: int, size: int, device, seconds: float, warmup: int) -> f
 
 def jpeg_folder(root: Path, n: int) -> Path:
     """`n` demo JPEGs of real photos' sizes (300-500 px) in ImageFolder layout."""
-    params = DemoParams(seed=0, train_per_class=0, test_count=0, min_side=300, max_side=500,
-                        mislabel_fraction=0.0, hard_fraction=0.1)
+    params = DemoParams(
+        seed=0, train_per_class=0, test_count=0, min_side=300, max_side=500, mislabel_fraction=0.0, hard_fraction=0.1
+    )
     rng = np.random.default_rng(0)
     for i in range(n):
         label = ("cat", "dog")[i % 2]
@@ -151,9 +152,15 @@ def main(argv=None) -> None:
     torch.backends.cudnn.benchmark = True
     torch.manual_seed(0)
 
-    results = {"device": torch.cuda.get_device_name(device) if cuda else f"cpu ({os.cpu_count()} cores)",
-               "torch": torch.__version__, "python": platform.python_version(), "batch_size": bs,
-               "image_size": args.image_size, "seconds_per_figure": seconds, "loader_workers": args.workers}
+    results = {
+        "device": torch.cuda.get_device_name(device) if cuda else f"cpu ({os.cpu_count()} cores)",
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "batch_size": bs,
+        "image_size": args.image_size,
+        "seconds_per_figure": seconds,
+        "loader_workers": args.workers,
+    }
     t0 = time.perf_counter()
     results["full_img_s"] = train_step_img_s("all", bs, args.image_size, device, seconds, warmup)
     results["head_uncached_img_s"] = train_step_img_s("head", bs, args.image_size, device, seconds, warmup)

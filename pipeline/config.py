@@ -162,6 +162,10 @@ class ExportParams:
     opset: int  # ONNX opset the exporter targets (ONNX Runtime 1.31 runs up to 23)
     parity_images: int  # validation images in the ONNX Runtime vs PyTorch check
     tolerance: float  # the check fails the stage when max |P_onnx - P_torch| exceeds this
+    variants: tuple[Literal["fp32", "int8", "fp16"], ...]  # files to write: fp32 always; int8 (CPU), fp16 (GPU)
+    calibration_images: int  # validation images that range the int8 activations
+    max_accuracy_drop: float  # a variant's validation accuracy may be this much below fp32's (0.002 = 0.2 points)
+    max_log_loss_rise: float  # ... and its validation log loss this much above fp32's
 
 
 @dataclass(frozen=True)
@@ -172,6 +176,7 @@ class PredictParams:
     clip: Literal["evaluate"] | float  # "evaluate": metrics/evaluate.json's clip; a number: that fixed clip
     provider: Literal["auto", "cpu", "cuda"]  # ONNX Runtime provider; auto: CUDA when really obtained, else CPU
     max_pixels: int  # larger test images are unreadable (decompression bombs), predicted 0.5
+    variant: Literal["auto", "fp32", "int8", "fp16"]  # model file; auto: fp16 on CUDA, int8 on CPU, if exported
 
 
 @dataclass(frozen=True)
@@ -187,3 +192,5 @@ class ServeParams:
     max_bytes: int  # uploads larger than this get 413
     max_pixels: int  # images with more pixels get 400 (decompression bombs)
     max_batch_images: int  # images in one /classify_batch request
+    variant: Literal["auto", "fp32", "int8", "fp16"]  # model file; auto: fp16 on CUDA, int8 on CPU, if exported
+    threads: int  # ONNX Runtime intra-op threads of the model service; 0 = one per core

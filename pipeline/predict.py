@@ -5,7 +5,8 @@
 metrics/predict.json` (run by `dvc repro predict`).
 
 ONNX Runtime runs on CUDA when the session really gets it (onnxruntime-gpu falls back to CPU without
-raising, so `session.get_providers()` decides) and on CPU otherwise; the log says which. Threads decode
+raising, so `session.get_providers()` decides) and on CPU otherwise; `predict.variant` picks the model
+file (auto: fp16 on CUDA, int8 on CPU, when export wrote them); the log and the metrics say which. Threads decode
 and resize the JPEGs a few batches ahead of the model. `sample_submission.csv` is the authority on the
 ids: an id whose image is missing, was rejected by prepare or does not decode gets P(dog) = 0.5 and is
 listed in the metrics and the log, never dropped. P(dog) is clipped to [c, 1-c] (c from the validation
@@ -38,7 +39,7 @@ from pipeline.data import (
     SubmissionError,
     atomic_write_text,
     load_image,
-    make_session,
+    open_model,
     preprocess,
     read_metadata,
     read_sample_ids,
@@ -136,12 +137,12 @@ def main(argv=None) -> None:
     p = load_params(PredictParams, "predict", args.params)
     try:
         meta = read_metadata(args.onnx)
-        session, provider = make_session(args.onnx, p.provider)
+        session, provider, variant = open_model(args.onnx, p.provider, p.variant)
     except ModelError as e:
         raise SystemExit(f"predict failed: {e}") from None
     if meta["layout"] != "NCHW" or "dogs" not in meta["classes"]:
         raise SystemExit(f"{args.onnx}: layout {meta['layout']}, classes {meta['classes']}: expected NCHW with 'dogs'")
-    log.info("ONNX Runtime on %s (session providers %s)", provider, session.get_providers())
+    log.info("ONNX Runtime: variant %s on %s (session providers %s)", variant, provider, session.get_providers())
     clip = resolve_clip(p.clip, args.evaluate)
     try:
         ids = read_sample_ids(args.data / "sample_submission.csv").tolist()
@@ -195,6 +196,7 @@ def main(argv=None) -> None:
     metrics = {
         "n": len(df),
         "provider": provider,
+        "variant": variant,
         "images_per_second": round(len(todo) / seconds, 1) if todo else 0.0,
         "tta": p.tta,
         "clip": clip,

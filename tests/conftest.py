@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny demo data sets written into tmp_path."""
+"""Shared fixtures: tiny demo data sets written into tmp_path, and one real `bentoml serve` per session."""
 
 import os
 import shutil
@@ -11,10 +11,13 @@ import yaml
 
 from pipeline.config import DemoParams, PrepareParams
 from pipeline.demo import write_demo_zip
+from pipeline.prepare import prepare
+from serving.smoke import free_port, start, stop, wait_ready
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_PHOTOS = ROOT.parent / "shared" / "data" / "real-photos-200px"
 BIN = Path(sys.executable).parent  # the venv's bin: dvc, bentoml, and the python stages run with
+MAX_BYTES, MAX_PIXELS = 300_000, 4_000_000  # the served model's upload limits (serve section)
 
 
 def tool_env() -> dict:
@@ -41,6 +44,99 @@ def tiny_prepare(**overrides) -> PrepareParams:
         seed=1, valid_per_class=5, sample_train_per_class=3, sample_valid_per_class=2, max_pixels=1_000_000, workers=1
     )
     return PrepareParams(**{**values, **overrides})
+
+
+def run(*args, env=None):
+    """Run the venv's python with `args` in the repo; fail the test with its stderr if it fails."""
+    done = subprocess.run(
+        [str(BIN / "python"), *args], cwd=ROOT, env=env or tool_env(), capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr
+    return done
+
+
+@pytest.fixture(scope="session")
+def served(tmp_path_factory):
+    """A tiny model trained, evaluated, exported and packaged by the real stages, served by the real
+    `bentoml serve`. One per session: tests/test_service.py and tests/test_page.py share it."""
+    tmp = tmp_path_factory.mktemp("serve")
+    write_demo_zip(tmp / "c.zip", tmp / "labels.csv", tiny_demo(train_per_class=24, test_count=2))
+    prepare(tmp / "c.zip", tmp / "prepared", tiny_prepare(valid_per_class=4))
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["train"].update(image_size=32, epochs=1, batch_size=8, workers=0, device="cpu")
+    params["serve"].update(max_bytes=MAX_BYTES, max_pixels=MAX_PIXELS, max_batch_size=8, max_latency_ms=20000)
+    (tmp / "params.yaml").write_text(yaml.safe_dump(params))
+    p = ["--params", str(tmp / "params.yaml")]
+    run("-m", "pipeline.features", "--data", str(tmp / "prepared"), "--out", str(tmp / "features"), *p)
+    run(
+        "-m",
+        "pipeline.train",
+        "--data",
+        str(tmp / "prepared"),
+        "--features",
+        str(tmp / "features"),
+        "--model",
+        str(tmp / "model.pt"),
+        "--checkpoint",
+        str(tmp / "ckpt.pt"),
+        "--live",
+        str(tmp / "live"),
+        *p,
+    )
+    (tmp / "metrics").mkdir()
+    # the validation metrics go into the model store's metadata: the page shows them
+    run(
+        "-m",
+        "pipeline.evaluate",
+        "--data",
+        str(tmp / "prepared"),
+        "--model",
+        str(tmp / "model.pt"),
+        "--metrics",
+        str(tmp / "metrics" / "evaluate.json"),
+        "--plots",
+        str(tmp / "plots"),
+        *p,
+    )
+    run(
+        "-m",
+        "pipeline.export",
+        "--model",
+        str(tmp / "model.pt"),
+        "--data",
+        str(tmp / "prepared"),
+        "--out",
+        str(tmp / "onnx"),
+        "--metrics",
+        str(tmp / "metrics" / "export.json"),
+        *p,
+    )
+    env = {**tool_env(), "BENTOML_HOME": str(tmp / "bentoml"), "DOGSCATS_PARAMS": str(tmp / "params.yaml")}
+    run(
+        "-m",
+        "pipeline.package",
+        "--onnx",
+        str(tmp / "onnx"),
+        "--metrics",
+        str(tmp / "metrics"),
+        "--out",
+        str(tmp / "bentoml-model.json"),
+        *p,
+        env=env,
+    )
+
+    port = free_port()
+    log = open(tmp / "serve.log", "w")
+    proc = start(port, env, log)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(url, proc)
+    except (RuntimeError, TimeoutError) as e:
+        stop(proc)
+        pytest.fail(f"{e}:\n{(tmp / 'serve.log').read_text()}")
+    yield {"url": url, "tmp": tmp, "env": env, "proc": proc}
+    assert stop(proc) == 0  # SIGTERM stops the API and the model service cleanly, within a minute
+    log.close()
 
 
 @pytest.fixture

@@ -16,10 +16,12 @@ from PIL import Image
 
 from pipeline.data import (
     MODEL_FILE,
+    VARIANT_FILES,
     ImageError,
     ModelError,
     load_image,
     make_session,
+    open_model,
     preprocess,
     read_metadata,
 )
@@ -238,3 +240,20 @@ def test_make_session_on_a_broken_folder(tmp_path):
     onnx.save(model, onnx_dir / MODEL_FILE)
     with pytest.raises(ModelError, match="Run 'dvc repro export' again"):
         make_session(onnx_dir, "cpu")
+
+
+def test_variants_are_opened_by_name_and_auto_picks_int8_on_cpu(tmp_path, caplog):
+    onnx_dir = write_tiny_onnx(tmp_path / "onnx")
+    with caplog.at_level(logging.INFO, logger="data"):
+        assert open_model(onnx_dir, "cpu")[1:] == ("cpu", "fp32")  # only fp32 exported
+    assert any("variant fp32 on cpu" in r.message for r in caplog.records)
+    with pytest.raises(ModelError, match="add int8 to export.variants"):
+        make_session(onnx_dir, "cpu", "int8")
+    with pytest.raises(ValueError, match="variant must be one of"):
+        make_session(onnx_dir, "cpu", "int4")
+    (onnx_dir / VARIANT_FILES["int8"]).write_bytes((onnx_dir / MODEL_FILE).read_bytes())  # stands in for int8
+    (onnx_dir / VARIANT_FILES["fp16"]).write_bytes((onnx_dir / MODEL_FILE).read_bytes())
+    session, used, variant = open_model(onnx_dir, "auto", threads=1)
+    assert (used, variant) == ("cuda", "fp16") if used == "cuda" else (used, variant) == ("cpu", "int8")
+    assert session.get_session_options().intra_op_num_threads == 1
+    assert open_model(onnx_dir, "cpu", "fp16")[2] == "fp16"  # asked for by name: given, even on CPU

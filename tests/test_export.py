@@ -14,7 +14,7 @@ from PIL import Image
 from torch import nn
 
 from pipeline import export
-from pipeline.data import MODEL_FILE, make_session, read_metadata
+from pipeline.data import MODEL_FILE, VARIANT_FILES, make_session, open_model, read_metadata
 from pipeline.export import MAX_IR_VERSION, ExportError, check_export, export_onnx, onnx_metadata
 from pipeline.model import CLASSES, MEAN, STD, resize_size
 from tests.conftest import ROOT
@@ -22,13 +22,13 @@ from tests.conftest import ROOT
 SIZE = 16
 
 
-def tiny_model() -> nn.Module:
+def tiny_model(gain: float = 40) -> nn.Module:
     torch.manual_seed(0)
     model = nn.Sequential(
         nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 2)
     ).eval()
     with torch.no_grad():
-        model[-1].weight *= 40  # confident outputs: parity near P = 0.5 would prove little
+        model[-1].weight *= gain  # confident outputs: parity near P = 0.5 would prove little
     return model
 
 
@@ -114,14 +114,14 @@ def test_check_fails_when_onnx_and_pytorch_disagree(exported):
         check_export(dest, model, images(4), onnx_metadata(checkpoint_meta(lr=0.1)), tolerance=1e-4)
 
 
-def write_project(tmp_path):
+def write_project(tmp_path, **export_params):
     """data/prepared/valid with a few images, and a params.yaml."""
     for k, img in enumerate(images(6)):
         folder = tmp_path / "data" / "prepared" / "valid" / ("cats", "dogs")[k % 2]
         folder.mkdir(parents=True, exist_ok=True)
         img.save(folder / f"{('cat', 'dog')[k % 2]}.{k}.jpg")
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["export"]["parity_images"] = 4
+    params["export"].update({"parity_images": 4, "variants": ["fp32"], **export_params})
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     return [
         "--model", str(tmp_path / "models" / "model.pt"), "--data", str(tmp_path / "data" / "prepared"),
@@ -140,7 +140,7 @@ def test_main_writes_the_folder_and_metrics_and_keeps_them_on_a_failed_check(tmp
     metrics = json.loads((tmp_path / "metrics" / "export.json").read_text())
     assert metrics["max_abs_diff"] <= 1e-4 and metrics["parity_images"] == 4 and metrics["opset"] == 20
     assert metrics["onnx_bytes"] == sum(f.stat().st_size for f in out.iterdir())
-    assert metrics["ir_version"] <= MAX_IR_VERSION and metrics["export_seconds"] > 0
+    assert metrics["ir_version"] <= MAX_IR_VERSION and metrics["export_seconds"] > 0 and metrics["variants"] == {}
     before = (out / "model.onnx").read_bytes()
 
     def wrong(*args, **kwargs):
@@ -150,3 +150,37 @@ def test_main_writes_the_folder_and_metrics_and_keeps_them_on_a_failed_check(tmp
     with pytest.raises(SystemExit, match="export failed its check, .* is unchanged"):
         export.main(argv)
     assert (out / "model.onnx").read_bytes() == before
+
+
+def test_int8_and_fp16_variants_are_written_checked_and_picked(tmp_path, monkeypatch):
+    argv = write_project(tmp_path, variants=["fp32", "int8", "fp16"], calibration_images=4)
+    # a model of modest confidence: int8 rounding of logits x40 would move its log loss by more than 0.01
+    monkeypatch.setattr(export, "load_model", lambda path, device: (tiny_model(gain=2), checkpoint_meta()))
+    export.main(argv)
+    out = tmp_path / "models" / "onnx"
+    assert sorted(f.name for f in out.iterdir()) == sorted([*VARIANT_FILES.values(), "model.onnx.data"])
+    for variant, name in VARIANT_FILES.items():
+        proto = onnx.load(out / name)
+        assert {p.key: p.value for p in proto.metadata_props} == onnx_metadata(checkpoint_meta())
+        assert proto.ir_version <= MAX_IR_VERSION
+        session, used = make_session(out, "cpu", variant)  # ONNX Runtime's CPU provider runs all three
+        assert used == "cpu" and session.get_inputs()[0].type == "tensor(float)"
+    ops = {n.op_type for n in onnx.load(out / VARIANT_FILES["int8"]).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops  # QDQ format
+    fp16 = onnx.load(out / VARIANT_FILES["fp16"])
+    weights = [t for t in fp16.graph.initializer if len(t.dims) >= 2]  # conv and linear weights
+    assert weights and {t.data_type for t in weights} == {onnx.TensorProto.FLOAT16}
+    scores = json.loads((tmp_path / "metrics" / "export.json").read_text())["variants"]
+    assert set(scores) == {"fp32", "int8", "fp16"}
+    for s in scores.values():
+        assert s["accuracy_drop"] <= 0.002 and s["log_loss_rise"] <= 0.01 and s["bytes"] > 0
+    assert open_model(out, "cpu")[1:] == ("cpu", "int8")  # auto on CPU: int8
+    assert open_model(out, "cpu", "fp16")[2] == "fp16"
+
+
+def test_a_variant_worse_than_fp32_fails_the_stage(tmp_path, monkeypatch):
+    argv = write_project(tmp_path, variants=["fp32", "int8"], calibration_images=4, max_log_loss_rise=-1.0)
+    monkeypatch.setattr(export, "load_model", lambda path, device: (tiny_model(gain=2), checkpoint_meta()))
+    with pytest.raises(SystemExit, match="int8 is worse than fp32 on the validation set"):
+        export.main(argv)
+    assert not (tmp_path / "models" / "onnx").exists()

@@ -51,13 +51,25 @@ def test_dvc_repro_prepare(tmp_path):
 
 
 def test_dvc_repro_evaluate(tmp_path):
-    project = make_project(tmp_path / "project", {
-        "fetch.demo.train_per_class": 24, "fetch.demo.test_count": 4,
-        "fetch.demo.min_side": 48, "fetch.demo.max_side": 80,
-        "prepare.valid_per_class": 6, "prepare.sample_train_per_class": 2, "prepare.sample_valid_per_class": 2,
-        "train.image_size": 32, "train.epochs": 2, "train.batch_size": 8, "train.workers": 0,
-        "evaluate.batch_size": 16, "evaluate.workers": 0, "evaluate.show_images": 4,
-    })
+    project = make_project(
+        tmp_path / "project",
+        {
+            "fetch.demo.train_per_class": 24,
+            "fetch.demo.test_count": 4,
+            "fetch.demo.min_side": 48,
+            "fetch.demo.max_side": 80,
+            "prepare.valid_per_class": 6,
+            "prepare.sample_train_per_class": 2,
+            "prepare.sample_valid_per_class": 2,
+            "train.image_size": 32,
+            "train.epochs": 2,
+            "train.batch_size": 8,
+            "train.workers": 0,
+            "evaluate.batch_size": 16,
+            "evaluate.workers": 0,
+            "evaluate.show_images": 4,
+        },
+    )
     log = dvc(project, "repro", "evaluate")
     assert "Running stage 'train'" in log and "Running stage 'evaluate'" in log
     metrics = json.loads((project / "metrics" / "evaluate.json").read_text())
@@ -74,17 +86,32 @@ def test_dvc_repro_evaluate(tmp_path):
 
 
 def test_dvc_repro_predict_makes_a_scored_submission(tmp_path):
-    project = make_project(tmp_path / "project", {
-        "fetch.demo.train_per_class": 16, "fetch.demo.test_count": 12,
-        "fetch.demo.min_side": 48, "fetch.demo.max_side": 80,
-        "prepare.valid_per_class": 4, "prepare.sample_train_per_class": 2, "prepare.sample_valid_per_class": 2,
-        "train.image_size": 32, "train.epochs": 1, "train.batch_size": 8, "train.workers": 0,
-        "evaluate.batch_size": 16, "evaluate.workers": 0, "evaluate.show_images": 4,
-        "export.parity_images": 4, "predict.batch_size": 5, "predict.workers": 2,
-    })
+    project = make_project(
+        tmp_path / "project",
+        {
+            "fetch.demo.train_per_class": 16,
+            "fetch.demo.test_count": 12,
+            "fetch.demo.min_side": 48,
+            "fetch.demo.max_side": 80,
+            "prepare.valid_per_class": 4,
+            "prepare.sample_train_per_class": 2,
+            "prepare.sample_valid_per_class": 2,
+            "train.image_size": 32,
+            "train.epochs": 1,
+            "train.batch_size": 8,
+            "train.workers": 0,
+            "evaluate.batch_size": 16,
+            "evaluate.workers": 0,
+            "evaluate.show_images": 4,
+            "export.parity_images": 4,
+            "predict.batch_size": 5,
+            "predict.workers": 2,
+        },
+    )
     log = dvc(project, "repro", "predict")
     assert "Running stage 'export'" in log and "Running stage 'predict'" in log
-    assert sorted(p.name for p in (project / "models" / "onnx").iterdir()) == ["model.onnx", "model.onnx.data"]
+    names = sorted(p.name for p in (project / "models" / "onnx").iterdir())
+    assert names == ["model.int8.onnx", "model.onnx", "model.onnx.data"]  # the demo's variants: fp32, int8
     exported = json.loads((project / "metrics" / "export.json").read_text())
     assert exported["max_abs_diff"] <= 1e-4 and exported["ir_version"] <= 13
 

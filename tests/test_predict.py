@@ -172,3 +172,16 @@ def test_a_valid_submission_passes():
 def test_a_wrong_submission_is_rejected(break_it, message):
     with pytest.raises(SubmissionError, match=message):
         validate_submission(break_it(good()), IDS, clip=0.05)
+
+
+def test_the_variant_param_picks_the_model_file(project):
+    onnx_dir = project / "models" / "onnx"
+    assert run_predict(project)[2]["variant"] == "fp32"  # auto, only fp32 exported
+    int8 = write_tiny_onnx(project / "int8", image_size=16, gain=-4.0) / "model.onnx"  # cats and dogs swapped
+    (onnx_dir / "model.int8.onnx").write_bytes(int8.read_bytes())
+    _, df, metrics = run_predict(project)
+    assert metrics["variant"] == "int8" and metrics["accuracy"] < 0.5  # auto on CPU: the int8 file ran
+    _, df, metrics = run_predict(project, variant="fp32")
+    assert metrics["variant"] == "fp32" and metrics["accuracy"] > 0.5
+    with pytest.raises(SystemExit, match="add fp16 to export.variants"):
+        run_predict(project, variant="fp16")

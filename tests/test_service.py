@@ -1,13 +1,12 @@
 """The BentoML service: upload checks called directly, then the real `bentoml serve` over HTTP.
 
-The integration fixture runs the real stages on a tiny demo set (train -> export -> package into a
-temporary BENTOML_HOME), starts `bentoml serve` on 127.0.0.1 and a free port, and waits for /readyz.
+The integration tests use the session fixture `served` (tests/conftest.py): the real stages on a tiny
+demo set packaged into a temporary BENTOML_HOME, and `bentoml serve` on 127.0.0.1 and a free port.
 """
 
 import io
 import os
 import re
-import subprocess
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -17,18 +16,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
-import yaml
 from PIL import Image
 
-from pipeline.data import make_session, read_metadata
-from pipeline.demo import write_demo_zip
+from pipeline.data import open_model, read_metadata
 from pipeline.predict import load_input, run_model
-from pipeline.prepare import prepare
 from serving.service import BadUpload, DogsVsCats
-from serving.smoke import free_port, start, stop, wait_ready
-from tests.conftest import BIN, ROOT, tiny_demo, tiny_prepare, tool_env
-
-MAX_BYTES, MAX_PIXELS = 300_000, 4_000_000
+from tests.conftest import MAX_BYTES, MAX_PIXELS, run
 
 
 def encode(img: Image.Image, fmt: str, **kw) -> bytes:
@@ -126,83 +119,6 @@ def test_answer_shape(service):
 # --- integration: the real `bentoml serve` -----------------------------------------------------------
 
 
-def run(*args, env=None):
-    done = subprocess.run(
-        [str(BIN / "python"), *args], cwd=ROOT, env=env or tool_env(), capture_output=True, text=True, timeout=600
-    )
-    assert done.returncode == 0, done.stderr
-    return done
-
-
-@pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    """A tiny model trained, exported and packaged by the real stages, served by the real `bentoml serve`."""
-    tmp = tmp_path_factory.mktemp("serve")
-    write_demo_zip(tmp / "c.zip", tmp / "labels.csv", tiny_demo(train_per_class=24, test_count=2))
-    prepare(tmp / "c.zip", tmp / "prepared", tiny_prepare(valid_per_class=4))
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["train"].update(image_size=32, epochs=1, batch_size=8, workers=0, device="cpu")
-    params["serve"].update(max_bytes=MAX_BYTES, max_pixels=MAX_PIXELS, max_batch_size=8, max_latency_ms=20000)
-    (tmp / "params.yaml").write_text(yaml.safe_dump(params))
-    p = ["--params", str(tmp / "params.yaml")]
-    run("-m", "pipeline.features", "--data", str(tmp / "prepared"), "--out", str(tmp / "features"), *p)
-    run(
-        "-m",
-        "pipeline.train",
-        "--data",
-        str(tmp / "prepared"),
-        "--features",
-        str(tmp / "features"),
-        "--model",
-        str(tmp / "model.pt"),
-        "--checkpoint",
-        str(tmp / "ckpt.pt"),
-        "--live",
-        str(tmp / "live"),
-        *p,
-    )
-    (tmp / "metrics").mkdir()
-    run(
-        "-m",
-        "pipeline.export",
-        "--model",
-        str(tmp / "model.pt"),
-        "--data",
-        str(tmp / "prepared"),
-        "--out",
-        str(tmp / "onnx"),
-        "--metrics",
-        str(tmp / "metrics" / "export.json"),
-        *p,
-    )
-    env = {**tool_env(), "BENTOML_HOME": str(tmp / "bentoml"), "DOGSCATS_PARAMS": str(tmp / "params.yaml")}
-    run(
-        "-m",
-        "pipeline.package",
-        "--onnx",
-        str(tmp / "onnx"),
-        "--metrics",
-        str(tmp / "metrics"),
-        "--out",
-        str(tmp / "bentoml-model.json"),
-        *p,
-        env=env,
-    )
-
-    port = free_port()
-    log = open(tmp / "serve.log", "w")
-    proc = start(port, env, log)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(url, proc)
-    except (RuntimeError, TimeoutError) as e:
-        stop(proc)
-        pytest.fail(f"{e}:\n{(tmp / 'serve.log').read_text()}")
-    yield {"url": url, "tmp": tmp, "env": env, "proc": proc}
-    assert stop(proc) is not None  # SIGTERM stops the API and the model service within a minute
-    log.close()
-
-
 def post(served, files, endpoint="classify"):
     return requests.post(f"{served['url']}/{endpoint}", files=files, timeout=120)
 
@@ -221,7 +137,8 @@ def test_model_is_in_the_store_with_its_metadata(served):
 @pytest.mark.slow
 def test_classify_gives_what_predict_gives(served):
     onnx_dir = served["tmp"] / "onnx"
-    session, _ = make_session(onnx_dir, "cpu")
+    session, _, variant = open_model(onnx_dir, "cpu")  # predict's own choice on CPU: the service makes the same
+    assert variant == "int8"  # the demo params export fp32 + int8; on CPU both pick int8
     meta = read_metadata(onnx_dir)
     answers = []
     for path in valid_images(served):

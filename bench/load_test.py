@@ -1,0 +1,186 @@
+"""Load test of the real service: N concurrent clients POST real JPEGs to /classify, with and without batching.
+
+`python bench/load_test.py [--onnx models/onnx] [--clients 16] [--seconds 30]` writes
+bench/results/load_cpu.json shaped `{"batched": {"rps", "p50_ms", "p95_ms", "p99_ms", "errors",
+"mean_batch"}, "unbatched": {...}, "raw_ort_img_s": ..., "clients": N, "seconds": T}`.
+
+The ONNX folder (all its variants) is imported into a temporary BENTOML_HOME, and `bentoml serve` runs
+twice on 127.0.0.1 (serving/smoke.py's helpers): with the `serve` section of params.yaml (batched) and
+with `serve.max_batch_size: 1` (unbatched), from a temporary params file (DOGSCATS_PARAMS). Locust (its CLI,
+headless, users from bench/locustfile.py) drives the clients with no think time: a warm-up run, then
+the measured run of `--seconds`. mean_batch comes from the model service's
+`bentoml_service_adaptive_batch_size` histogram on /metrics, over the same window. raw_ort_img_s is the
+same variant's ONNX Runtime session in this process at the service's mean batch size, measured after the
+service stops (same machine, same run): the ceiling the service is compared with. The clients share the
+machine with the service, as they would in any one-box test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import requests
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run as a script from the project root
+
+from pipeline.config import ServeParams, load_params  # noqa: E402
+from pipeline.data import open_model, read_metadata  # noqa: E402
+from serving.smoke import free_port, start, stop, wait_ready  # noqa: E402
+
+PHOTOS = ROOT.parent / "shared" / "data" / "real-photos-200px"
+BATCH_METRIC = re.compile(r'^bentoml_service_adaptive_batch_size_(sum|count)\{[^}]*method_name="predict"[^}]*\} (\S+)$')
+
+
+def import_model(onnx_dir: Path, home: Path, name: str) -> None:
+    """The ONNX folder into the store at `home`, as the package stage does (in a child: bentoml reads
+    BENTOML_HOME at import)."""
+    code = (
+        "import sys; from pathlib import Path; from pipeline.package import import_model; "
+        "print(import_model(Path(sys.argv[1]), sys.argv[2], {}, {}).tag)"
+    )
+    env = {**os.environ, "BENTOML_HOME": str(home)}
+    subprocess.run([sys.executable, "-c", code, str(onnx_dir), name], cwd=ROOT, env=env, check=True)
+
+
+def batch_totals(url: str) -> tuple[float, float]:
+    """(sum, count) of the model service's adaptive batch sizes so far, from Prometheus /metrics."""
+    totals = {"sum": 0.0, "count": 0.0}
+    for line in requests.get(f"{url}/metrics", timeout=10).text.splitlines():
+        m = BATCH_METRIC.match(line)
+        if m:
+            totals[m.group(1)] += float(m.group(2))
+    return totals["sum"], totals["count"]
+
+
+def run_locust(url: str, photos: Path, clients: int, seconds: float, csv_prefix: Path) -> None:
+    """The locust CLI, headless: `clients` users of bench/locustfile.py for `seconds`."""
+    cmd = [
+        str(Path(sys.executable).parent / "locust"), "-f", str(ROOT / "bench" / "locustfile.py"), "--headless",
+        "--host", url, "-u", str(clients), "-r", str(clients), "-t", f"{seconds:.0f}s", "--csv", str(csv_prefix),
+        "--only-summary", "--loglevel", "WARNING",
+    ]  # fmt: skip
+    env = {**os.environ, "LOAD_PHOTOS": str(photos)}
+    subprocess.run(cmd, env=env, check=False, capture_output=True)  # exit code 1 when a request failed
+
+
+def drive(url: str, photos: Path, clients: int, seconds: float, warmup: float, tmp: Path) -> dict:
+    """A warm-up run, then the measured run; figures from locust's CSV and the service's /metrics."""
+    run_locust(url, photos, clients, warmup, tmp / "warmup")
+    batch0 = batch_totals(url)
+    run_locust(url, photos, clients, seconds, tmp / "load")
+    batch1 = batch_totals(url)
+    with open(tmp / "load_stats.csv", newline="") as f:
+        total = next(row for row in csv.DictReader(f) if row["Name"] == "Aggregated")
+    calls = batch1[1] - batch0[1]
+    return {
+        "rps": round(float(total["Requests/s"]), 2),
+        "p50_ms": float(total["50%"]),
+        "p95_ms": float(total["95%"]),
+        "p99_ms": float(total["99%"]),
+        "errors": int(total["Failure Count"]),
+        "requests": int(total["Request Count"]),
+        "mean_batch": round((batch1[0] - batch0[0]) / calls, 2) if calls else 1.0,  # no histogram: unbatched
+        "model_calls": calls,
+    }
+
+
+def serve_and_drive(params: dict, home: Path, tmp: Path, label: str, args) -> dict:
+    (tmp / label).mkdir()
+    path = tmp / f"params-{label}.yaml"
+    path.write_text(yaml.safe_dump(params))
+    env = {**os.environ, "BENTOML_HOME": str(home), "DOGSCATS_PARAMS": str(path)}
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with open(tmp / f"serve-{label}.log", "w") as log:
+        proc = start(port, env=env, log=log)
+        try:
+            wait_ready(url, proc)
+            figures = drive(url, args.photos, args.clients, args.seconds, args.warmup, tmp / label)
+        finally:
+            stop(proc)
+    retries = (tmp / f"serve-{label}.log").read_text().count("connection to the model service dropped")
+    figures["retries"] = retries  # DogsVsCats.infer's retries of dropped dependency connections
+    print(f"{label:>10}: {json.dumps(figures)}", flush=True)
+    return figures
+
+
+def raw_ort_img_s(onnx_dir: Path, params: ServeParams, batch: int, shape: tuple, seconds: float) -> tuple[float, str]:
+    """images/s of the service's variant on one ONNX Runtime session at `batch`, after one warm-up call."""
+    session, _, variant = open_model(onnx_dir, params.provider, params.variant, params.threads)
+    x = np.random.default_rng(0).normal(size=(batch, *shape)).astype(np.float32)
+    session.run(["probs"], {"image": x})
+    calls, t0 = 0, time.perf_counter()
+    while calls < 3 or time.perf_counter() - t0 < seconds:
+        session.run(["probs"], {"image": x})
+        calls += 1
+    return batch * calls / (time.perf_counter() - t0), variant
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--onnx", type=Path, default=ROOT / "models" / "onnx", help="the ONNX folder export wrote")
+    parser.add_argument("--photos", type=Path, default=PHOTOS, help="a folder of JPEGs to send")
+    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--seconds", type=float, default=30.0, help="measured window of each run")
+    parser.add_argument("--warmup", type=float, default=10.0, help="load before the window, not measured")
+    parser.add_argument("--params", type=Path, default=ROOT / "params.yaml")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "load_cpu.json")
+    args = parser.parse_args(argv)
+    t_start = time.perf_counter()
+    if not any(args.photos.glob("*.jpg")):
+        raise SystemExit(f"no JPEGs in {args.photos}: pass --photos")
+    meta = read_metadata(args.onnx)
+    params = yaml.safe_load(args.params.read_text())
+    serve = load_params(ServeParams, "serve", args.params)
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        import_model(args.onnx, tmp / "bentoml", params["package"]["model_name"])
+        results["batched"] = serve_and_drive(params, tmp / "bentoml", tmp, "batched", args)
+        unbatched = {**params, "serve": {**params["serve"], "max_batch_size": 1}}
+        results["unbatched"] = serve_and_drive(unbatched, tmp / "bentoml", tmp, "unbatched", args)
+    batch = max(1, round(results["batched"]["mean_batch"] or 1))
+    shape = (3, meta["image_size"], meta["image_size"])
+    raw, variant = raw_ort_img_s(args.onnx, serve, batch, shape, seconds=10)
+    results.update(
+        {
+            "raw_ort_img_s": round(raw, 2),
+            "raw_ort_batch": batch,
+            "variant": variant,
+            "image_size": meta["image_size"],
+            "clients": args.clients,
+            "seconds": args.seconds,
+            "serve": {k: params["serve"][k] for k in ("max_batch_size", "max_latency_ms", "threads")},
+            "batched_vs_raw": round(results["batched"]["rps"] / raw, 3),
+            "batched_vs_unbatched_rps": round(results["batched"]["rps"] / max(results["unbatched"]["rps"], 1e-9), 2),
+            "cpu_count": os.cpu_count(),
+            "locust": subprocess.run(
+                [str(Path(sys.executable).parent / "locust"), "--version"], capture_output=True, text=True
+            ).stdout.split()[1],
+            "bench_seconds": round(time.perf_counter() - t_start, 1),
+        }
+    )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    print(
+        f"{variant} {meta['image_size']} px, {args.clients} clients, {args.seconds:.0f} s: batched "
+        f"{results['batched']['rps']} req/s (mean batch {results['batched']['mean_batch']}), unbatched "
+        f"{results['unbatched']['rps']} req/s, raw ONNX Runtime {raw:.1f} images/s at batch {batch}: "
+        f"{results['batched_vs_raw']:.0%} of raw, {results['batched_vs_unbatched_rps']}x unbatched; wrote {args.out}"
+    )
+
+
+if __name__ == "__main__":
+    main()
