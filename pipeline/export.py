@@ -95,6 +95,8 @@ def export_onnx(model: nn.Module, image_size: int, dest: Path, metadata: dict[st
         dynamic_shapes=({0: torch.export.Dim("batch")},),
     )
     program.model.metadata_props.update(metadata)
+    for node in program.model.graph:  # the exporter records each node's Python stack trace, with absolute
+        node.metadata_props.pop("pkg.torch.onnx.stack_trace", None)  # paths: the model would vary by checkout
     if program.model.ir_version > MAX_IR_VERSION:
         # the checker below fails the stage if the opset needs the newer IR
         log.info("lowering the ONNX IR version %d to %d for ONNX Runtime", program.model.ir_version, MAX_IR_VERSION)

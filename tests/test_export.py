@@ -74,6 +74,16 @@ def test_onnx_matches_pytorch(exported):
     assert sorted(f.name for f in dest.iterdir()) == ["model.onnx", "model.onnx.data"]
 
 
+def test_export_is_the_same_bytes_wherever_it_is_written(exported, tmp_path):
+    # the exporter records stack traces with absolute paths; export drops them so a model does not vary by
+    # checkout (nor ship local paths)
+    onnx_dir, model, meta, _ = exported
+    export_onnx(model, SIZE, tmp_path / "elsewhere", onnx_metadata(meta), opset=20)
+    assert (tmp_path / "elsewhere" / MODEL_FILE).read_bytes() == (onnx_dir / MODEL_FILE).read_bytes()
+    graph = onnx.load(onnx_dir / MODEL_FILE, load_external_data=False).graph
+    assert not [p for n in graph.node for p in n.metadata_props if "stack_trace" in p.key]
+
+
 def test_metadata_round_trip(exported):
     dest, _, meta, _ = exported
     got = read_metadata(dest)
