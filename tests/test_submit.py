@@ -11,6 +11,7 @@ from pipeline import submit
 from pipeline.submit import SubmitError, git_commit, submission_message, submit_to_kaggle
 from tests.test_fetch import (
     JSON,
+    fake_kaggle,
     kaggle_home,  # noqa: F401 (a fixture: no credentials anywhere)
     response,
 )
@@ -38,15 +39,10 @@ def argv(files, *extra):
 
 
 def kaggle(monkeypatch, upload_status=200):
-    """The Kaggle API answered at the network edge: token introspection, the upload URL, the upload, the
-    submission. Returns the requests sent."""
-    monkeypatch.setenv("KAGGLE_API_TOKEN", "fake-token")
-    sent = []
+    """The Kaggle API answered at the network edge: token introspection (fake_kaggle), the upload URL, the
+    upload, the submission. Returns the requests sent."""
 
-    def send(self, req, **kwargs):
-        sent.append(req)
-        if "IntrospectToken" in req.url:
-            return response(req, 200, b'{"active": true, "username": "fastai-student"}', JSON)
+    def answer(req):
         if "StartSubmissionUpload" in req.url:
             body = {"token": "blob-token-1", "createUrl": "https://storage.googleapis.com/upload/sub?sig=1"}
             return response(req, 200, json.dumps(body).encode(), JSON)
@@ -57,8 +53,7 @@ def kaggle(monkeypatch, upload_status=200):
             return response(req, 200, b'{"message": "Successfully submitted", "ref": 42}', JSON)
         raise AssertionError(f"unexpected request {req.method} {req.url}")
 
-    monkeypatch.setattr(requests.Session, "send", send)
-    return sent
+    return fake_kaggle(monkeypatch, answer)
 
 
 def test_message_carries_commit_and_metrics():
