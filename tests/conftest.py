@@ -137,6 +137,7 @@ def served(tmp_path_factory):
     yield {"url": url, "tmp": tmp, "env": env, "proc": proc}
     assert stop(proc) == 0  # SIGTERM stops the API and the model service cleanly, within a minute
     log.close()
+    shutil.rmtree(tmp)  # a model, its ONNX and the store's copy: ~2 GB
 
 
 @pytest.fixture

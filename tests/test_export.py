@@ -4,6 +4,7 @@ dynamic batch, IR version, and a failed check that keeps the previous export."""
 import copy
 import hashlib
 import json
+import shutil
 
 import numpy as np
 import onnx
@@ -64,7 +65,8 @@ def exported(tmp_path_factory):
     model, meta = tiny_model(), checkpoint_meta()
     dest = tmp_path_factory.mktemp("export") / "onnx"
     ir_version = export_onnx(model, SIZE, dest, onnx_metadata(meta), opset=20)
-    return dest, model, meta, ir_version
+    yield dest, model, meta, ir_version
+    shutil.rmtree(dest.parent)  # 537 MB: gone once this module is done, not at the end of the session
 
 
 def test_onnx_matches_pytorch(exported):
