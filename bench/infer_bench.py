@@ -28,8 +28,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from the project root
 
 from pipeline.data import make_session  # noqa: E402
-from pipeline.export import convert_fp16, export_onnx, onnx_metadata, quantize_int8  # noqa: E402
+from pipeline.export import export_onnx, onnx_metadata  # noqa: E402
 from pipeline.model import CLASSES, MEAN, STD, build_model, resize_size  # noqa: E402
+from pipeline.variants import convert_fp16, quantize_int8  # noqa: E402
 
 BATCHES = (1, 8, 32)
 

@@ -53,6 +53,9 @@ class ImageError(ValueError):
     """An image that cannot be used: not an image, truncated, too large. The message says which."""
 
 
+MAX_IR_VERSION = 13  # the newest ONNX IR version onnxruntime(-gpu) 1.31 loads
+
+
 class ModelError(RuntimeError):
     """The ONNX folder or the execution provider is not what was asked for; the message says what to do."""
 

@@ -12,12 +12,8 @@ a temporary folder and renamed into place only after it passes its own check: `o
 Runtime loads it (IR version <= 13 for onnxruntime 1.31), and ONNX Runtime agrees with PyTorch on real
 validation images to `export.tolerance`. A failed check stops the stage with the output path untouched.
 
-`export.variants` adds faster copies of the model beside it (`pipeline.data.VARIANT_FILES`): `int8` for
-CPU (ONNX Runtime static quantization, QDQ, per-channel weights, activations calibrated on
-`export.calibration_images` validation images) and `fp16` for GPU (weights and activations in half
-precision, float32 in and out). Each must match the fp32 model on the whole validation set, accuracy
-within `export.max_accuracy_drop` and log loss within `export.max_log_loss_rise`, or the stage fails;
-the figures of every variant go to the metrics. predict and the service choose a variant by param.
+`export.variants` adds faster copies of the model beside it, each checked against it on the validation
+set (`pipeline.variants`); predict and the service choose a variant by param.
 """
 
 from __future__ import annotations
@@ -27,23 +23,18 @@ import hashlib
 import json
 import logging
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import onnx
 import torch
-from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-from onnxruntime.quantization.shape_inference import quant_pre_process
-from onnxruntime.transformers.float16 import convert_float_to_float16
-from sklearn.metrics import log_loss
 from torch import nn
 
 from pipeline.config import ExportParams, PrepareParams, load_params
 from pipeline.data import (
+    MAX_IR_VERSION,
     MODEL_FILE,
-    VARIANT_FILES,
     ModelError,
     atomic_write_text,
     load_image,
@@ -52,10 +43,10 @@ from pipeline.data import (
     read_metadata,
 )
 from pipeline.model import load_model
+from pipeline.variants import VariantError, export_variants
 
 log = logging.getLogger("export")
 INPUT, OUTPUT = "image", "probs"
-MAX_IR_VERSION = 13  # the newest ONNX IR version onnxruntime(-gpu) 1.31 loads
 
 
 class ExportError(RuntimeError):
@@ -140,124 +131,6 @@ def check_export(onnx_dir: Path, model: nn.Module, images: list, expected: dict[
     return diff
 
 
-class CalibrationImages(CalibrationDataReader):
-    """Feeds preprocessed images (N, 3, H, W) to the quantizer's calibration, a few at a time."""
-
-    def __init__(self, x: np.ndarray, input_name: str, batch: int = 8):
-        self.batches = iter([{input_name: x[i : i + batch]} for i in range(0, len(x), batch)])
-
-    def get_next(self):
-        return next(self.batches, None)
-
-
-def finish_variant(model: onnx.ModelProto, dest: Path, metadata: dict[str, str]) -> None:
-    """Give a variant the fp32 model's metadata_props (the contract predict and the service read) and an
-    IR version ONNX Runtime loads, and save it as one file (int8 and fp16 VGG16 are well under 2 GB)."""
-    del model.metadata_props[:]
-    onnx.helper.set_model_props(model, metadata)
-    model.ir_version = min(model.ir_version, MAX_IR_VERSION)
-    onnx.save(model, dest)
-
-
-def quantize_int8(fp32_dir: Path, dest: Path, calibration: np.ndarray, metadata: dict[str, str]) -> None:
-    """Static int8 quantization in QDQ format, per-channel weights, activations ranged on `calibration`.
-    Measured on VGG16, 2 CPU cores: 1.9x fp32; dynamic quantization (no calibration) was 3x slower."""
-    with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
-        pre = Path(tmp) / "pre.onnx"
-        # shape inference + graph optimisation first, as ONNX Runtime's quantization guide asks; ONNX's own
-        # shape inference is enough for a CNN (symbolic inference, for transformers, took ~90 s on VGG16)
-        quant_pre_process(
-            str(fp32_dir / MODEL_FILE),
-            str(pre),
-            skip_symbolic_shape=True,
-            save_as_external_data=True,
-            external_data_location="pre.onnx.data",
-        )
-        out = Path(tmp) / "int8.onnx"
-        quantize_static(
-            str(pre),
-            str(out),
-            CalibrationImages(calibration, metadata["input_name"]),
-            quant_format=QuantFormat.QDQ,
-            per_channel=True,
-            activation_type=QuantType.QInt8,
-            weight_type=QuantType.QInt8,
-        )
-        finish_variant(onnx.load(out), dest, metadata)
-
-
-def convert_fp16(fp32_dir: Path, dest: Path, metadata: dict[str, str]) -> None:
-    """Weights and activations in float16, input and output kept float32 (the same contract)."""
-    model = convert_float_to_float16(onnx.load(fp32_dir / MODEL_FILE), keep_io_types=True)
-    finish_variant(model, dest, metadata)
-
-
-def score_variants(onnx_dir: Path, variants: list[str], x: np.ndarray, y: np.ndarray, provider: str) -> dict:
-    """{variant: {accuracy, log_loss, bytes}} of each variant file on images x (N, 3, H, W), labels y."""
-    scores = {}
-    for variant in variants:
-        session, used = make_session(onnx_dir, provider, variant)
-        meta = read_metadata(onnx_dir)
-        probs = np.concatenate(
-            [session.run([meta["output_name"]], {meta["input_name"]: x[i : i + 32]})[0] for i in range(0, len(x), 32)]
-        ).astype(np.float64)  # (N, 2)
-        scores[variant] = {
-            "accuracy": float(np.mean(probs.argmax(1) == y)),
-            "log_loss": float(log_loss(y, probs / probs.sum(1, keepdims=True), labels=[0, 1])),
-            "bytes": sum(f.stat().st_size for f in onnx_dir.glob(f"{VARIANT_FILES[variant]}*")),  # + .data
-            "provider": used,
-        }
-    return scores
-
-
-def check_variants(scores: dict, max_accuracy_drop: float, max_log_loss_rise: float) -> None:
-    """Raise ExportError when a variant is worse than fp32 by more than the bounds."""
-    ref = scores["fp32"]
-    for variant, s in scores.items():
-        s["accuracy_drop"] = ref["accuracy"] - s["accuracy"]
-        s["log_loss_rise"] = s["log_loss"] - ref["log_loss"]
-        if variant != "fp32" and (
-            s["accuracy_drop"] > max_accuracy_drop + 1e-12 or s["log_loss_rise"] > max_log_loss_rise
-        ):
-            raise ExportError(
-                f"{variant} is worse than fp32 on the validation set: accuracy {s['accuracy']:.4f} vs "
-                f"{ref['accuracy']:.4f}, log loss {s['log_loss']:.4f} vs {ref['log_loss']:.4f} (bounds "
-                f"{max_accuracy_drop}, {max_log_loss_rise}): calibrate on more images, or drop {variant} "
-                "from export.variants"
-            )
-
-
-def valid_set(valid: Path, meta: dict, max_pixels: int) -> tuple[np.ndarray, np.ndarray]:
-    """Every validation image preprocessed (N, 3, H, W) and its label (index into the classes)."""
-    paths = sorted(valid.glob("*/*.jpg"))
-    x = np.stack(
-        [
-            preprocess(load_image(path, max_pixels), meta["image_size"], meta["resize_size"], meta["mean"], meta["std"])
-            for path in paths
-        ]
-    )
-    return x, np.array([list(meta["classes"]).index(path.parent.name) for path in paths])
-
-
-def export_variants(work: Path, p: ExportParams, meta: dict, metadata: dict, valid: Path, max_pixels: int) -> dict:
-    """Write the int8/fp16 variants beside work/model.onnx and check them against it on the validation set."""
-    x, y = valid_set(valid, meta, max_pixels)
-    if "int8" in p.variants:
-        calibration = x[:: max(1, len(x) // p.calibration_images)][: p.calibration_images]  # both classes
-        log.info("int8: calibrating on %d validation images", len(calibration))
-        t0 = time.perf_counter()
-        quantize_int8(work, work / VARIANT_FILES["int8"], calibration, metadata)
-        log.info("int8: quantized in %.0f s", time.perf_counter() - t0)
-    if "fp16" in p.variants:
-        convert_fp16(work, work / VARIANT_FILES["fp16"], metadata)
-    cpu = [v for v in ("fp32", "int8") if v == "fp32" or v in p.variants]
-    scores = score_variants(work, cpu, x, y, "cpu")
-    if "fp16" in p.variants:  # on the GPU it is made for, when there is one (ONNX Runtime's CPU runs it too)
-        scores.update(score_variants(work, ["fp16"], x, y, "auto"))
-    check_variants(scores, p.max_accuracy_drop, p.max_log_loss_rise)
-    return scores
-
-
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description="Export the model to ONNX and check it.")
     parser.add_argument("--model", type=Path, required=True, help="models/model.pt")
@@ -296,7 +169,7 @@ def main(argv=None) -> None:
         t1 = time.perf_counter()
         try:
             scores = export_variants(work, p, meta, metadata, args.data / "valid", max_pixels)
-        except (ExportError, ModelError) as e:
+        except (VariantError, ModelError) as e:
             raise SystemExit(
                 f"export failed its check, {args.out} is unchanged ({work} kept to inspect): {e}"
             ) from None
