@@ -11,7 +11,9 @@ headless, users from bench/locustfile.py) drives the clients with no think time:
 the measured run of `--seconds`. mean_batch comes from the model service's
 `bentoml_service_adaptive_batch_size` histogram on /metrics, over the same window. raw_ort_img_s is the
 same variant's ONNX Runtime session in this process at the service's mean batch size, measured after the
-service stops (same machine, same run): the ceiling the service is compared with. The clients share the
+service stops (same machine, same run): the ceiling the service is compared with. raw_ort_img_s_by_batch
+adds batch 1 and `serve.max_batch_size`, and batching_ceiling = the best of those / batch 1: the most
+that batched/unbatched could reach on this machine if both ran at raw speed. The clients share the
 machine with the service, as they would in any one-box test.
 """
 
@@ -154,10 +156,15 @@ def main(argv=None) -> None:
     batch = max(1, round(results["batched"]["mean_batch"] or 1))
     shape = (3, meta["image_size"], meta["image_size"])
     raw, variant = raw_ort_img_s(args.onnx, serve, batch, shape, seconds=10)
+    # what batching can gain at all on this machine: raw images/s at batch 1 and at the largest batch
+    by_batch = {str(b): raw_ort_img_s(args.onnx, serve, b, shape, seconds=10)[0] for b in {1, serve.max_batch_size}}
+    by_batch[str(batch)] = raw
     results.update(
         {
             "raw_ort_img_s": round(raw, 2),
             "raw_ort_batch": batch,
+            "raw_ort_img_s_by_batch": {b: round(v, 2) for b, v in sorted(by_batch.items(), key=lambda kv: int(kv[0]))},
+            "batching_ceiling": round(max(by_batch.values()) / by_batch["1"], 2),  # best raw / raw at batch 1
             "variant": variant,
             "image_size": meta["image_size"],
             "clients": args.clients,
@@ -178,7 +185,8 @@ def main(argv=None) -> None:
         f"{variant} {meta['image_size']} px, {args.clients} clients, {args.seconds:.0f} s: batched "
         f"{results['batched']['rps']} req/s (mean batch {results['batched']['mean_batch']}), unbatched "
         f"{results['unbatched']['rps']} req/s, raw ONNX Runtime {raw:.1f} images/s at batch {batch}: "
-        f"{results['batched_vs_raw']:.0%} of raw, {results['batched_vs_unbatched_rps']}x unbatched; wrote {args.out}"
+        f"{results['batched_vs_raw']:.0%} of raw, {results['batched_vs_unbatched_rps']}x unbatched (raw ONNX Runtime "
+        f"gains at most {results['batching_ceiling']}x from batching here); wrote {args.out}"
     )
 
 
