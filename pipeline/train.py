@@ -192,7 +192,8 @@ def main(argv=None) -> None:
     # what the batches go through: the whole network, or only its trainable part on cached activations
     net = model if cache is None else trainable_part(model, p.finetune)
     if p.compile:
-        net = torch.compile(net)
+        net = torch.compile(net)  # compiles at the first batch (inductor: needs a C++ compiler on CPU)
+        log.info("torch.compile: on (%s)", type(net).__name__)
     log.info("training on %s", "images" if cache is None else f"cached activations in {args.features}")
     groups = param_groups(model, p.finetune, p.lr, p.conv_lr_factor)
     optimizer = torch.optim.AdamW(groups, lr=p.lr, weight_decay=p.weight_decay)

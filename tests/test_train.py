@@ -168,3 +168,16 @@ def test_cache_is_refused_when_it_does_not_match(prepared, tmp_path):
         timeout=600,
     )
     assert done.returncode != 0 and "run 'dvc repro features'" in done.stderr
+
+
+@pytest.mark.slow
+def test_compiled_training_equals_eager(prepared, tmp_path):
+    """train.compile (torch.compile, inductor) runs here on CPU and trains the same weights as eager."""
+    compiled, eager = tmp_path / "compiled", tmp_path / "eager"
+    log = run_train(compiled, prepared, write_params(tmp_path / "a.yaml", epochs=2, compile=True))
+    assert "torch.compile: on (OptimizedModule)" in log
+    assert "torch.compile" not in run_train(eager, prepared, write_params(tmp_path / "b.yaml", epochs=2, compile=False))
+    a, b = weights(compiled / "model.pt"), weights(eager / "model.pt")
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=1e-4, msg=name)
