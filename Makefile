@@ -47,9 +47,11 @@ PORT ?= 3000
 serve: install
 	$(BIN)/bentoml serve serving.service:DogsVsCats --host $(HOST) --port $(PORT)
 
-bench: install
-	$(BIN)/python bench/train_bench.py
+bench: install  # CPU always; CUDA too where PyTorch sees a GPU
+	$(BIN)/python bench/train_bench.py --device cpu
 	$(BIN)/python bench/infer_bench.py --device cpu
+	if $(BIN)/python -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then \
+	  $(BIN)/python bench/train_bench.py --device cuda && $(BIN)/python bench/infer_bench.py --device cuda; fi
 
 lint: install
 	$(BIN)/ruff check pipeline serving tests bench

@@ -127,8 +127,8 @@ class TrainParams:
     finetune: Literal["head", "dense", "all"]  # what trains: the new layer, all FC layers, everything
     image_size: int  # side of the centre crop fed to the network (torchvision's: 224)
     augment: bool  # random resized crop + horizontal flip on training images
-    epochs: int
-    batch_size: int
+    epochs: int  # passes over the training images (or their cached activations)
+    batch_size: int  # images per optimiser step (CUDA: the largest that fits)
     lr: float  # peak learning rate of the one-cycle schedule (FC layers)
     conv_lr_factor: float  # finetune: all -> conv layers train at lr * this (discriminative lrs)
     weight_decay: float  # AdamW decoupled weight decay
@@ -148,7 +148,7 @@ class FeaturesParams:
 
 @dataclass(frozen=True)
 class EvaluateParams:
-    batch_size: int
+    batch_size: int  # validation images per forward pass
     workers: int  # DataLoader worker processes
     lesson_clip: float  # the lesson's fixed clip, reported beside the searched one
     clip_max: float  # the clip search tries 0 .. clip_max

@@ -60,6 +60,11 @@ class ModelError(RuntimeError):
     """The ONNX folder or the execution provider is not what was asked for; the message says what to do."""
 
 
+# preprocess scales the short side up or down to ~256 px: a 1 x 20,000 strip (tiny in bytes and pixels)
+# would become 256 x 5,120,000 (3.9 GB). Panoramas are ~10:1 at most.
+MAX_ASPECT = 50
+
+
 def load_image(source: bytes | str | os.PathLike, max_pixels: int) -> Image.Image:
     """A fully decoded RGB image from a path or bytes; `ImageError` if it is unusable or over `max_pixels`."""
     name = "image bytes" if isinstance(source, bytes) else str(source)
@@ -69,6 +74,11 @@ def load_image(source: bytes | str | os.PathLike, max_pixels: int) -> Image.Imag
             with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
                 if img.width * img.height > max_pixels:
                     raise ImageError(f"{name}: {img.width}x{img.height} pixels is over the limit of {max_pixels}")
+                if max(img.size) > MAX_ASPECT * min(img.size):
+                    raise ImageError(
+                        f"{name}: {img.width}x{img.height} pixels is a strip, not a photo (longer than "
+                        f"{MAX_ASPECT}:1); resizing its short side would blow it up to a huge image"
+                    )
                 img.load()  # a truncated JPEG opens fine and fails only here
                 return to_rgb(ImageOps.exif_transpose(img))  # phone photos are stored sideways; EXIF says so
     except ImageError:

@@ -178,11 +178,12 @@ def main(argv=None) -> None:
         shutil.rmtree(args.out)
     work.rename(args.out)  # the checked folder appears at once
 
-    size = sum(f.stat().st_size for f in args.out.iterdir())
+    size = sum(f.stat().st_size for f in args.out.glob(f"{MODEL_FILE}*"))  # the fp32 model + its .data
     metrics = {
         "max_abs_diff": diff,
         "parity_images": len(images),
         "onnx_bytes": size,
+        "folder_bytes": sum(f.stat().st_size for f in args.out.iterdir()),  # with the variants
         "opset": p.opset,
         "ir_version": ir_version,
         "export_seconds": round(seconds, 2),

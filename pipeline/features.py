@@ -36,7 +36,7 @@ from torchvision.datasets import ImageFolder
 from tqdm import tqdm
 
 from pipeline.config import FeaturesParams, TrainParams, load_params
-from pipeline.model import CLASSES, autocast, build_model, eval_transform, pick_device
+from pipeline.model import CLASSES, WeightsError, autocast, build_model, eval_transform, pick_device
 
 log = logging.getLogger("features")
 SPLITS = ("train", "valid")
@@ -96,7 +96,11 @@ def write_cache(data: Path, out: Path, p: TrainParams, fp: FeaturesParams) -> di
         return meta
     device = pick_device(p.device)
     torch.manual_seed(p.seed)  # the same random weights as train builds (weights: none)
-    model = build_model(p.weights).to(device, memory_format=torch.channels_last)
+    try:
+        model = build_model(p.weights)
+    except WeightsError as e:  # offline without the ImageNet file, or a bad train.weights path
+        raise SystemExit(str(e)) from None
+    model = model.to(device, memory_format=torch.channels_last)
     trunk = frozen_part(model, p.finetune)
     t0 = time.perf_counter()
     for split in SPLITS:

@@ -66,13 +66,13 @@ def download_from_kaggle(competition: str, dest: Path) -> Path:
     """Download the competition zip into folder `dest`; returns the zip's path."""
     import requests  # kaggle's own HTTP library: its errors are what the client raises
 
-    # `import kaggle` authenticates at import and prints help to stdout when it fails: keep it quiet
-    # here and authenticate explicitly below, where the failure can be reported properly.
-    with contextlib.redirect_stdout(io.StringIO()):
-        from kaggle.api.kaggle_api_extended import KaggleApi
-    api = KaggleApi()
     try:
+        # `import kaggle` authenticates at import in some releases (SystemExit without credentials) and
+        # prints help to stdout: keep it quiet, and authenticate explicitly where a failure is reported
         with contextlib.redirect_stdout(io.StringIO()):
+            from kaggle.api.kaggle_api_extended import KaggleApi
+
+            api = KaggleApi()
             api.authenticate()  # raises SystemExit (not an Exception) when no credentials exist
         api.competition_download_files(competition, path=str(dest), quiet=True)
     except SystemExit as e:

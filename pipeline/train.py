@@ -42,6 +42,7 @@ from pipeline.model import (
     CLASSES,
     MEAN,
     STD,
+    WeightsError,
     autocast,
     build_model,
     eval_transform,
@@ -121,6 +122,8 @@ def make_loaders(data: Path, cache: dict | None, p: TrainParams, device: torch.d
                 raise SystemExit(f"{ds.root} holds {ds.classes}, expected {list(CLASSES)}: run 'dvc repro prepare'")
         workers = p.workers
     gen = torch.Generator().manual_seed(p.seed)  # the shuffle order: saved in checkpoints
+    # no persistent_workers: fresh workers each epoch draw their seeds from `gen`, whose state the checkpoint
+    # keeps, so a resumed run augments exactly as an uninterrupted one (persistent ones seed once, at start)
     kw = dict(batch_size=p.batch_size, num_workers=workers, pin_memory=device.type == "cuda")
     return (
         DataLoader(train_ds, shuffle=True, generator=gen, drop_last=len(train_ds) > p.batch_size, **kw),
@@ -188,7 +191,11 @@ def main(argv=None) -> None:
     )
     cache = load_cache(args.features, p, args.data)
     train_loader, valid_loader = make_loaders(args.data, cache, p, device)
-    model = build_model(p.weights).to(device, memory_format=torch.channels_last)
+    try:
+        model = build_model(p.weights)
+    except WeightsError as e:  # offline without the ImageNet file, or a bad train.weights path
+        raise SystemExit(str(e)) from None
+    model = model.to(device, memory_format=torch.channels_last)
     # what the batches go through: the whole network, or only its trainable part on cached activations
     net = model if cache is None else trainable_part(model, p.finetune)
     if p.compile:

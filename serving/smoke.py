@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -53,8 +54,12 @@ def wait_ready(url: str, proc: subprocess.Popen, seconds: float = 180) -> None:
 
 
 def stop(proc: subprocess.Popen, seconds: float = 60) -> int:
-    """SIGTERM the server's process group and wait; kill it if it does not stop in time."""
-    os.killpg(proc.pid, signal.SIGTERM)
+    """SIGTERM the server's process group and wait; kill it if it does not stop in time. Returns its exit code
+    (also when it had already exited by itself)."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:  # the whole group is gone already: a server that failed to start
+        return proc.wait()
     try:
         return proc.wait(timeout=seconds)
     except subprocess.TimeoutExpired:
@@ -69,17 +74,24 @@ def main(argv=None) -> None:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     print(f"starting {SERVICE} on {url} ...", flush=True)
-    proc = start(port, log=subprocess.DEVNULL)
-    try:
-        wait_ready(url, proc)
-        with open(args.image, "rb") as f:
-            r = requests.post(f"{url}/classify", files={"image": (args.image.name, f)}, timeout=120)
-        print(f"POST /classify {args.image} -> {r.status_code} {json.dumps(r.json())}")
-        if r.status_code != 200:
+    with tempfile.TemporaryFile("w+") as log:
+        proc = start(port, log=log)
+        try:
+            wait_ready(url, proc)
+            with open(args.image, "rb") as f:
+                r = requests.post(f"{url}/classify", files={"image": (args.image.name, f)}, timeout=120)
+            print(f"POST /classify {args.image} -> {r.status_code} {json.dumps(r.json())}")
+            ok = r.status_code == 200
+        except (RuntimeError, TimeoutError) as e:  # it exited, or never became ready
+            print(f"{e}", flush=True)
+            ok = False
+        finally:
+            code = stop(proc)
+            print(f"service stopped (exit code {code})")
+        if not ok:
+            log.seek(0)
+            print("the service's last log lines:\n" + "".join(log.readlines()[-40:]), file=sys.stderr)
             raise SystemExit(1)
-    finally:
-        code = stop(proc)
-        print(f"service stopped (exit code {code})")
 
 
 if __name__ == "__main__":

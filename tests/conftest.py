@@ -25,9 +25,10 @@ def tool_env() -> dict:
     return {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "DVC_NO_ANALYTICS": "1"}
 
 
-def dvc(project: Path, *args: str) -> str:
-    """Run the real dvc in `project`; fail the test with its output if it fails."""
-    done = subprocess.run([str(BIN / "dvc"), *args], cwd=project, env=tool_env(), capture_output=True, text=True)
+def dvc(project: Path, *args: str, env: dict | None = None) -> str:
+    """Run the real dvc in `project` (`env`: added to tool_env()); fail the test with its output if it fails."""
+    env = {**tool_env(), **(env or {})}
+    done = subprocess.run([str(BIN / "dvc"), *args], cwd=project, env=env, capture_output=True, text=True)
     assert done.returncode == 0, f"dvc {' '.join(args)} failed:\n{done.stdout}{done.stderr}"
     return done.stdout + done.stderr
 

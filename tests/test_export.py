@@ -151,7 +151,7 @@ def test_main_writes_the_folder_and_metrics_and_keeps_them_on_a_failed_check(tmp
     assert not (tmp_path / "models" / ".onnx.tmp").exists()
     metrics = json.loads((tmp_path / "metrics" / "export.json").read_text())
     assert metrics["max_abs_diff"] <= 1e-4 and metrics["parity_images"] == 4 and metrics["opset"] == 20
-    assert metrics["onnx_bytes"] == sum(f.stat().st_size for f in out.iterdir())
+    assert metrics["onnx_bytes"] == metrics["folder_bytes"] == sum(f.stat().st_size for f in out.iterdir())
     assert metrics["ir_version"] <= MAX_IR_VERSION and metrics["export_seconds"] > 0 and metrics["variants"] == {}
     before = (out / "model.onnx").read_bytes()
 
@@ -182,7 +182,10 @@ def test_int8_and_fp16_variants_are_written_checked_and_picked(tmp_path, monkeyp
     fp16 = onnx.load(out / VARIANT_FILES["fp16"])
     weights = [t for t in fp16.graph.initializer if len(t.dims) >= 2]  # conv and linear weights
     assert weights and {t.data_type for t in weights} == {onnx.TensorProto.FLOAT16}
-    scores = json.loads((tmp_path / "metrics" / "export.json").read_text())["variants"]
+    metrics = json.loads((tmp_path / "metrics" / "export.json").read_text())
+    fp32 = (out / "model.onnx").stat().st_size + (out / "model.onnx.data").stat().st_size
+    assert metrics["onnx_bytes"] == fp32 < metrics["folder_bytes"]
+    scores = metrics["variants"]
     assert set(scores) == {"fp32", "int8", "fp16"}
     for s in scores.values():
         assert s["accuracy_drop"] <= 0.002 and s["log_loss_rise"] <= 0.01 and s["bytes"] > 0

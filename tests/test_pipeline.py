@@ -2,10 +2,12 @@
 
 import csv
 import json
+import re
+import subprocess
 
 import pytest
 
-from tests.conftest import dvc, make_project
+from tests.conftest import BIN, dvc, make_project, tool_env
 
 pytestmark = pytest.mark.slow
 
@@ -83,6 +85,13 @@ def test_dvc_repro_evaluate(tmp_path):
     shown = dvc(project, "metrics", "show")
     assert "evaluate.json" in shown and "valid_accuracy" in shown
     assert "up to date" in dvc(project, "repro", "evaluate")
+    # a head hyperparameter changed: train runs again on the same feature cache
+    params = (project / "params.yaml").read_text()
+    lr = json.loads((project / "dvclive" / "metrics.json").read_text())
+    (project / "params.yaml").write_text(params.replace("  lr: 0.03\n", "  lr: 0.01\n"))
+    again = dvc(project, "repro", "evaluate")
+    assert "Running stage 'train'" in again and "Running stage 'features'" not in again
+    assert json.loads((project / "dvclive" / "metrics.json").read_text()) != lr  # trained anew, other weights
 
 
 def test_dvc_repro_predict_makes_a_scored_submission(tmp_path):
@@ -128,3 +137,19 @@ def test_dvc_repro_predict_makes_a_scored_submission(tmp_path):
     assert metrics["n"] == 12 and metrics["clip"] == clip and metrics["unreadable"] == []
     assert 0 <= metrics["accuracy"] <= 1 and metrics["log_loss"] > 0  # scored against the demo's test labels
     assert "up to date" in dvc(project, "repro", "predict")
+
+    # the rest of `make demo`: the package stage into a BentoML store, then the served model's smoke check
+    env = {"BENTOML_HOME": str(tmp_path / "bentoml"), "DOGSCATS_PARAMS": str(project / "params.yaml")}
+    assert "Running stage 'package'" in dvc(project, "repro", env=env)
+    photo = sorted((project / "data" / "prepared" / "valid" / "dogs").iterdir())[0]
+    done = subprocess.run(
+        [str(BIN / "python"), "-m", "serving.smoke", str(photo)],
+        cwd=project,
+        env={**tool_env(), **env},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert re.search(r'POST /classify \S+ -> 200 \{"label": "(cat|dog)", "p_dog": ', done.stdout), done.stdout
+    assert "service stopped (exit code 0)" in done.stdout

@@ -49,8 +49,12 @@ BAD = {  # name -> (files for requests, expected status, words in the error)
     "not an image": ({"image": ("a.jpg", b"hello, I am text")}, 400, "not a readable image"),
     "truncated jpeg": ({"image": ("a.jpg", truncated_jpeg())}, 400, "truncated"),
     "decompression bomb": ({"image": ("a.png", bomb_png())}, 400, "over the limit"),
+    # a few hundred bytes and 20,000 pixels, but resizing its short side would make it 37 x 740,000
+    "1 x 20000 strip": ({"image": ("a.png", encode(Image.new("RGB", (1, 20_000)), "PNG"))}, 400, "strip"),
     "empty file": ({"image": ("a.jpg", b"")}, 400, "empty"),
     "over byte limit": ({"image": ("a.jpg", os.urandom(MAX_BYTES + 10))}, 413, "bytes"),
+    # far over: the ASGI guard refuses the body before BentoML spools it (max_bytes + 1 MiB of slack)
+    "body over the guard": ({"image": ("a.jpg", os.urandom(MAX_BYTES + (2 << 20)))}, 413, "bytes"),
 }
 
 
@@ -71,7 +75,7 @@ def service():
     return svc
 
 
-@pytest.mark.parametrize("name", [n for n in BAD if n != "over byte limit"])
+@pytest.mark.parametrize("name", [n for n in BAD if n != "body over the guard"])  # the guard is HTTP only
 def test_bad_uploads_are_refused_with_a_message(service, tmp_path, monkeypatch, name):
     monkeypatch.setattr("serving.service.SERVE", type("S", (), {"max_bytes": MAX_BYTES, "max_pixels": MAX_PIXELS}))
     files, status, words = BAD[name]
@@ -137,8 +141,9 @@ def test_model_is_in_the_store_with_its_metadata(served):
 @pytest.mark.slow
 def test_classify_gives_what_predict_gives(served):
     onnx_dir = served["tmp"] / "onnx"
-    session, _, variant = open_model(onnx_dir, "cpu")  # predict's own choice on CPU: the service makes the same
-    assert variant == "int8"  # the demo params export fp32 + int8; on CPU both pick int8
+    # provider and variant auto, as predict and the service (serve.provider/variant auto) both resolve them
+    session, provider, variant = open_model(onnx_dir, "auto")
+    assert variant == ("fp32" if provider == "cuda" else "int8")  # the demo params export fp32 + int8
     meta = read_metadata(onnx_dir)
     answers = []
     for path in valid_images(served):
@@ -184,9 +189,33 @@ def test_odd_formats_are_classified_over_http(served):
         ("PNG", base.convert("RGBA"), {}),
         ("PNG", base.convert("L"), {}),
         ("JPEG", base.convert("CMYK"), {}),
+        ("PNG", Image.fromarray(np.asarray(base.convert("L"), np.uint16) * 257), {}),  # 16-bit grey
     ]:
         r = post(served, {"image": (f"x.{fmt.lower()}", encode(img, fmt, **kw))})
         assert r.status_code == 200, (fmt, img.mode, r.text)
+
+
+@pytest.mark.slow
+def test_exif_rotation_is_applied_over_http(served):
+    upright = Image.open(valid_images(served)[1]).convert("RGB")
+    exif = Image.Exif()
+    exif[0x0112] = 8  # orientation: display turned 90 degrees counter-clockwise
+    stored = upright.transpose(Image.Transpose.ROTATE_270)  # what a camera writes for that tag
+    tagged = post(served, {"image": ("tagged.png", encode(stored, "PNG", exif=exif))}).json()
+    plain = post(served, {"image": ("upright.png", encode(upright, "PNG"))}).json()
+    rotated = post(served, {"image": ("sideways.png", encode(stored, "PNG"))}).json()
+    assert tagged["p_dog"] == pytest.approx(plain["p_dog"], abs=1e-6)
+    assert rotated["p_dog"] != pytest.approx(plain["p_dog"], abs=1e-6)  # the check can tell a rotation
+
+
+@pytest.mark.slow
+def test_log_says_which_provider_runs(served):
+    log = (served["tmp"] / "serve.log").read_text()
+    _, provider, variant = open_model(served["tmp"] / "onnx", "auto")  # what this machine gives
+    if provider == "cuda":
+        assert f"({variant}) on ONNX Runtime's CUDA provider" in log
+    else:
+        assert f"({variant}) on ONNX Runtime's CPU provider (no usable GPU: this service asked for one" in log
 
 
 @pytest.mark.slow

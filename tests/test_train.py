@@ -181,3 +181,20 @@ def test_compiled_training_equals_eager(prepared, tmp_path):
     assert a.keys() == b.keys()
     for name in a:
         torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_unloadable_weights_end_the_stages_with_the_message(prepared, tmp_path):
+    """A bad train.weights (or ImageNet weights offline) ends features/train with what to do, not a traceback."""
+    missing = tmp_path / "nowhere" / "vgg16.pth"
+    for stage, feature_cache in [("features", True), ("train", False)]:
+        params = write_params(tmp_path / f"{stage}.yaml", weights=str(missing), feature_cache=feature_cache)
+        if stage == "train":
+            features(tmp_path, prepared, params)  # the cache does not apply: it needs no weights
+            cmd = train_cmd(tmp_path, prepared, params)
+        else:
+            cmd = [sys.executable, "-m", "pipeline.features", "--data", str(prepared), "--out", str(tmp_path / "f")]
+            cmd += ["--params", str(params)]
+        done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 1, (stage, done.stderr)
+        assert f"train.weights is '{missing}', which is not a file" in done.stderr, stage
+        assert "Traceback" not in done.stderr, stage
