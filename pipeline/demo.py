@@ -9,7 +9,8 @@ tells them apart is what a frozen, randomly initialised VGG16 keeps (see shared/
 cats wear fine stripes, dogs big spots, and each class leans to its own palette with overlap. Sizes,
 aspect ratios, positions, colours, backgrounds, noise and JPEG quality vary per image; a fraction is
 hard (small, faint or half hidden subject) and a fraction is mislabelled, so accuracy stays below 100%
-and probability clipping matters. Run alone: `python -m pipeline.demo out.zip labels.csv` (uses params.yaml's fetch.demo).
+and probability clipping matters. Run alone: `python -m pipeline.demo out.zip labels.csv` (uses
+params.yaml's fetch.demo).
 """
 
 from __future__ import annotations

@@ -65,6 +65,9 @@ def quantize_int8(fp32_dir: Path, dest: Path, calibration: np.ndarray, metadata:
             external_data_location="pre.onnx.data",
         )
         out = Path(tmp) / "int8.onnx"
+        # the softmax stays float: in int8 its output moves in steps of 1/255, so a confident model's small
+        # probabilities round to 0 (measured on the demo model: log loss 0.418 against fp32's 0.152)
+        graph = onnx.load(pre, load_external_data=False).graph
         quantize_static(
             str(pre),
             str(out),
@@ -73,6 +76,7 @@ def quantize_int8(fp32_dir: Path, dest: Path, calibration: np.ndarray, metadata:
             per_channel=True,
             activation_type=QuantType.QInt8,
             weight_type=QuantType.QInt8,
+            nodes_to_exclude=[node.name for node in graph.node if node.op_type == "Softmax"],
         )
         finish_variant(onnx.load(out), dest, metadata)
 
