@@ -7,6 +7,9 @@ demo set packaged into a temporary BENTOML_HOME, and `bentoml serve` on 127.0.0.
 import io
 import os
 import re
+import signal
+import socket
+import subprocess
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -21,7 +24,8 @@ from PIL import Image
 from pipeline.data import open_model, read_metadata
 from pipeline.predict import load_input, run_model
 from serving.service import BadUpload, DogsVsCats
-from tests.conftest import MAX_BYTES, MAX_PIXELS, run
+from serving.smoke import free_port, wait_ready
+from tests.conftest import MAX_BYTES, MAX_PIXELS, ROOT, run
 
 
 def encode(img: Image.Image, fmt: str, **kw) -> bytes:
@@ -257,3 +261,30 @@ def test_concurrent_clients_share_batches(served):
     ones, count = batch_histogram(served)
     assert count - count_before > 0
     assert (count - count_before) - (ones - ones_before) > 0, "no forward pass served more than one request"
+
+
+@pytest.mark.slow
+def test_make_serve_runs_in_the_foreground_and_stops_on_ctrl_c(served, tmp_path):
+    port = free_port()
+    env = {**served["env"], "PORT": str(port)}  # HOST: 127.0.0.1 by default; the served fixture's model store
+    with open(tmp_path / "make-serve.log", "w") as log:
+        proc = subprocess.Popen(
+            ["make", "serve"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        try:
+            wait_ready(f"http://127.0.0.1:{port}", proc)
+            r = post({"url": f"http://127.0.0.1:{port}"}, {"image": ("a.jpg", valid_images(served)[0].read_bytes())})
+            assert r.status_code == 200, r.text
+        finally:
+            os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C in a terminal: SIGINT to the whole foreground group
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                raise
+    with pytest.raises(ProcessLookupError):  # nothing of it is left: make, bentoml, the API and model workers
+        for _ in range(20):
+            os.killpg(proc.pid, 0)
+            time.sleep(0.5)
+    with socket.socket() as s:
+        assert s.connect_ex(("127.0.0.1", port)) != 0, "the port still answers"
