@@ -106,7 +106,7 @@ def score_variants(onnx_dir: Path, variants: list[str], x: np.ndarray, y: np.nda
 
 
 def check_variants(scores: dict, max_accuracy_drop: float, max_log_loss_rise: float) -> None:
-    """Raise ExportError when a variant is worse than fp32 by more than the bounds."""
+    """Raise VariantError when a variant is worse than fp32 by more than the bounds."""
     ref = scores["fp32"]
     for variant, s in scores.items():
         s["accuracy_drop"] = ref["accuracy"] - s["accuracy"]

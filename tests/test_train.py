@@ -48,10 +48,14 @@ def write_params(path: Path, **train) -> Path:
     return path
 
 
+def features_cmd(work: Path, prepared: Path, params: Path) -> list[str]:
+    out = ["--out", str(work / "features"), "--params", str(params)]
+    return [sys.executable, "-m", "pipeline.features", "--data", str(prepared), *out]
+
+
 def features(work: Path, prepared: Path, params: Path) -> str:
     """Run the features stage (train reads its output: the cache, or a note that none applies)."""
-    cmd = [sys.executable, "-m", "pipeline.features", "--data", str(prepared), "--out", str(work / "features")]
-    done = subprocess.run([*cmd, "--params", str(params)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(features_cmd(work, prepared, params), cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     return done.stderr
 
@@ -183,18 +187,16 @@ def test_compiled_training_equals_eager(prepared, tmp_path):
         torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=1e-4, msg=name)
 
 
-def test_unloadable_weights_end_the_stages_with_the_message(prepared, tmp_path):
+@pytest.mark.parametrize("stage", ["features", "train"])
+def test_unloadable_weights_end_the_stages_with_the_message(prepared, tmp_path, stage):
     """A bad train.weights (or ImageNet weights offline) ends features/train with what to do, not a traceback."""
     missing = tmp_path / "nowhere" / "vgg16.pth"
-    for stage, feature_cache in [("features", True), ("train", False)]:
-        params = write_params(tmp_path / f"{stage}.yaml", weights=str(missing), feature_cache=feature_cache)
-        if stage == "train":
-            features(tmp_path, prepared, params)  # the cache does not apply: it needs no weights
-            cmd = train_cmd(tmp_path, prepared, params)
-        else:
-            cmd = [sys.executable, "-m", "pipeline.features", "--data", str(prepared), "--out", str(tmp_path / "f")]
-            cmd += ["--params", str(params)]
-        done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
-        assert done.returncode == 1, (stage, done.stderr)
-        assert f"train.weights is '{missing}', which is not a file" in done.stderr, stage
-        assert "Traceback" not in done.stderr, stage
+    # features builds the model only for a cache; without one, train is the first to build it
+    params = write_params(tmp_path / "p.yaml", weights=str(missing), feature_cache=stage == "features")
+    if stage == "train":
+        features(tmp_path, prepared, params)  # the cache does not apply: it needs no weights
+    cmd = (features_cmd if stage == "features" else train_cmd)(tmp_path, prepared, params)
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 1, done.stderr
+    assert f"train.weights is '{missing}', which is not a file" in done.stderr
+    assert "Traceback" not in done.stderr
