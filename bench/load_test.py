@@ -13,8 +13,10 @@ the measured run of `--seconds`. mean_batch comes from the model service's
 same variant's ONNX Runtime session in this process at the service's mean batch size, measured after the
 service stops (same machine, same run): the ceiling the service is compared with. raw_ort_img_s_by_batch
 adds batch 1 and `serve.max_batch_size`, and batching_ceiling = the best of those / batch 1: the most
-that batched/unbatched could reach on this machine if both ran at raw speed. The clients share the
-machine with the service, as they would in any one-box test.
+that batched/unbatched could reach on this machine if both ran at raw speed (the raw session gets as
+many threads as the model service has in all). The clients share the machine with the service, as they
+would in any one-box test. `--set KEY=VALUE` overrides a `serve` param for both runs (tuning: e.g.
+`--set workers=2 --set threads=1 --out bench/results/tuning/workers2.json`).
 """
 
 from __future__ import annotations
@@ -37,8 +39,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from the project root
 
-from pipeline.config import ServeParams, load_params  # noqa: E402
-from pipeline.data import open_model, read_metadata  # noqa: E402
+from pipeline.config import ConfigError, ServeParams, from_dict  # noqa: E402
+from pipeline.data import atomic_write_text, open_model, read_metadata  # noqa: E402
 from serving.smoke import free_port, start, stop, wait_ready  # noqa: E402
 
 PHOTOS = ROOT.parent / "shared" / "data" / "real-photos-200px"
@@ -67,14 +69,16 @@ def batch_totals(url: str) -> tuple[float, float]:
 
 
 def run_locust(url: str, photos: Path, clients: int, seconds: float, csv_prefix: Path) -> None:
-    """The locust CLI, headless: `clients` users of bench/locustfile.py for `seconds`."""
+    """The locust CLI, headless: `clients` users of bench/locustfile.py for `seconds`; its CSVs at csv_prefix."""
     cmd = [
         str(Path(sys.executable).parent / "locust"), "-f", str(ROOT / "bench" / "locustfile.py"), "--headless",
         "--host", url, "-u", str(clients), "-r", str(clients), "-t", f"{seconds:.0f}s", "--csv", str(csv_prefix),
         "--only-summary", "--loglevel", "WARNING",
     ]  # fmt: skip
     env = {**os.environ, "LOAD_PHOTOS": str(photos)}
-    subprocess.run(cmd, env=env, check=False, capture_output=True)  # exit code 1 when a request failed
+    done = subprocess.run(cmd, env=env, check=False, capture_output=True, text=True)  # 1 when a request failed
+    if not Path(f"{csv_prefix}_stats.csv").is_file():  # locust itself failed: say why
+        raise SystemExit(f"locust exited with {done.returncode} and wrote no figures:\n{done.stderr[-3000:]}")
 
 
 def drive(url: str, photos: Path, clients: int, seconds: float, warmup: float, tmp: Path) -> dict:
@@ -83,7 +87,7 @@ def drive(url: str, photos: Path, clients: int, seconds: float, warmup: float, t
     batch0 = batch_totals(url)
     run_locust(url, photos, clients, seconds, tmp / "load")
     batch1 = batch_totals(url)
-    with open(tmp / "load_stats.csv", newline="") as f:
+    with open(f"{tmp / 'load'}_stats.csv", newline="") as f:
         total = next(row for row in csv.DictReader(f) if row["Name"] == "Aggregated")
     calls = batch1[1] - batch0[1]
     return {
@@ -119,8 +123,10 @@ def serve_and_drive(params: dict, home: Path, tmp: Path, label: str, args) -> di
 
 
 def raw_ort_img_s(onnx_dir: Path, params: ServeParams, batch: int, shape: tuple, seconds: float) -> tuple[float, str]:
-    """images/s of the service's variant on one ONNX Runtime session at `batch`, after one warm-up call."""
-    session, _, variant = open_model(onnx_dir, params.provider, params.variant, params.threads)
+    """images/s of the service's variant on one ONNX Runtime session at `batch`, after one warm-up call, with
+    as many threads as the model service has in all (workers x threads; 0 = one per core)."""
+    threads = params.threads * params.workers
+    session, _, variant = open_model(onnx_dir, params.provider, params.variant, threads)
     x = np.random.default_rng(0).normal(size=(batch, *shape)).astype(np.float32)
     session.run(["probs"], {"image": x})
     calls, t0 = 0, time.perf_counter()
@@ -133,19 +139,34 @@ def raw_ort_img_s(onnx_dir: Path, params: ServeParams, batch: int, shape: tuple,
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--onnx", type=Path, default=ROOT / "models" / "onnx", help="the ONNX folder export wrote")
-    parser.add_argument("--photos", type=Path, default=PHOTOS, help="a folder of JPEGs to send")
+    parser.add_argument("--photos", type=Path, default=PHOTOS, help="a folder of JPEGs (searched recursively)")
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--seconds", type=float, default=30.0, help="measured window of each run")
     parser.add_argument("--warmup", type=float, default=10.0, help="load before the window, not measured")
+    parser.add_argument("--raw-seconds", type=float, default=10.0, help="timing of raw ONNX Runtime, per batch size")
     parser.add_argument("--params", type=Path, default=ROOT / "params.yaml")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a serve param, e.g. workers=2"
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "load_cpu.json")
     args = parser.parse_args(argv)
     t_start = time.perf_counter()
-    if not any(args.photos.glob("*.jpg")):
-        raise SystemExit(f"no JPEGs in {args.photos}: pass --photos")
+    if not any(args.photos.rglob("*.jpg")):
+        raise SystemExit(
+            f"no JPEGs in {args.photos}: pass --photos DIR, any folder of photos (after `make demo`: "
+            "data/prepared/valid)"
+        )
     meta = read_metadata(args.onnx)
     params = yaml.safe_load(args.params.read_text())
-    serve = load_params(ServeParams, "serve", args.params)
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set {item}: expected KEY=VALUE, e.g. --set workers=2")
+        params["serve"][key] = yaml.safe_load(value)
+    try:
+        serve = from_dict(ServeParams, params["serve"], "serve")  # a typo fails here, not in the service
+    except ConfigError as e:
+        raise SystemExit(f"--set: {e}") from None
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -155,9 +176,11 @@ def main(argv=None) -> None:
         results["unbatched"] = serve_and_drive(unbatched, tmp / "bentoml", tmp, "unbatched", args)
     batch = max(1, round(results["batched"]["mean_batch"] or 1))
     shape = (3, meta["image_size"], meta["image_size"])
-    raw, variant = raw_ort_img_s(args.onnx, serve, batch, shape, seconds=10)
+    raw, variant = raw_ort_img_s(args.onnx, serve, batch, shape, args.raw_seconds)
     # what batching can gain at all on this machine: raw images/s at batch 1 and at the largest batch
-    by_batch = {str(b): raw_ort_img_s(args.onnx, serve, b, shape, seconds=10)[0] for b in {1, serve.max_batch_size}}
+    by_batch = {
+        str(b): raw_ort_img_s(args.onnx, serve, b, shape, args.raw_seconds)[0] for b in {1, serve.max_batch_size}
+    }
     by_batch[str(batch)] = raw
     results.update(
         {
@@ -169,7 +192,7 @@ def main(argv=None) -> None:
             "image_size": meta["image_size"],
             "clients": args.clients,
             "seconds": args.seconds,
-            "serve": {k: params["serve"][k] for k in ("max_batch_size", "max_latency_ms", "threads")},
+            "serve": {k: params["serve"][k] for k in ("max_batch_size", "max_latency_ms", "threads", "workers")},
             "batched_vs_raw": round(results["batched"]["rps"] / raw, 3),
             "batched_vs_unbatched_rps": round(results["batched"]["rps"] / max(results["unbatched"]["rps"], 1e-9), 2),
             "cpu_count": os.cpu_count(),
@@ -179,8 +202,7 @@ def main(argv=None) -> None:
             "bench_seconds": round(time.perf_counter() - t_start, 1),
         }
     )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    atomic_write_text(args.out, json.dumps(results, indent=2) + "\n")
     print(
         f"{variant} {meta['image_size']} px, {args.clients} clients, {args.seconds:.0f} s: batched "
         f"{results['batched']['rps']} req/s (mean batch {results['batched']['mean_batch']}), unbatched "

@@ -1,7 +1,7 @@
 """Locust users for bench/load_test.py: each POSTs a random real JPEG to /classify, back to back.
 
 `locust -f bench/locustfile.py --headless --host http://127.0.0.1:3000 -u 16 -r 16 -t 30s` also works
-alone; LOAD_PHOTOS names the folder of JPEGs (default: the shared real photos).
+alone; LOAD_PHOTOS names the folder of JPEGs, searched recursively (default: the shared real photos).
 """
 
 import os
@@ -11,7 +11,7 @@ from pathlib import Path
 from locust import HttpUser, constant, task
 
 FOLDER = Path(os.environ.get("LOAD_PHOTOS", Path(__file__).resolve().parents[2] / "shared/data/real-photos-200px"))
-PHOTOS = [(p.name, p.read_bytes()) for p in sorted(FOLDER.glob("*.jpg"))]
+PHOTOS = [(p.name, p.read_bytes()) for p in sorted(FOLDER.rglob("*.jpg"))]
 
 
 class Client(HttpUser):

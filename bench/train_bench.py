@@ -9,7 +9,9 @@
     features_img_s      the frozen backbone's forward pass alone (what the features stage does)
     loader_img_s        JPEG decoding + preprocessing alone, through a DataLoader with --workers
 
-Each figure is measured over a short window after a warm-up, with the pipeline's own code
+The batch is 8 on CPU; on CUDA it is the largest power of two (32 to 1024) at which a full training step
+fits in the GPU's memory, found by trying each (`largest_batch`), unless --batch-size sets it. Each figure
+is measured over a short window after a warm-up, with the pipeline's own code
 (`train_one_epoch`, `frozen_part`, `ArrayDataset`), on synthetic tensors for the compute figures so that
 data loading does not hide in them. Compare figures within one run: this machine is noisy.
 """
@@ -17,6 +19,7 @@ data loading does not hide in them. Compare figures within one run: this machine
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -30,9 +33,11 @@ import torch
 from torch.utils.data import DataLoader
 from torchvision.datasets import ImageFolder
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from the project root
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run as a script from the project root
 
 from pipeline.config import DemoParams  # noqa: E402
+from pipeline.data import atomic_write_text  # noqa: E402
 from pipeline.demo import make_image  # noqa: E402
 from pipeline.features import frozen_part  # noqa: E402
 from pipeline.model import autocast, build_model, eval_transform, param_groups, to_device  # noqa: E402
@@ -70,6 +75,38 @@ def train_step_img_s(finetune: str, bs: int, size: int, device, seconds: float, 
         return bs
 
     return timed(step, seconds, warmup, device)[0]
+
+
+def largest_batch(step, start: int, limit: int) -> int:
+    """The largest of start, 2 start, 4 start ... up to `limit` for which `step(batch)` runs without the GPU
+    running out of memory (the GPU recipe's "largest batch that fits"); 0 when not even `start` fits."""
+    best, batch = 0, start
+    while batch <= limit:
+        try:
+            step(batch)
+        except torch.OutOfMemoryError:
+            break
+        finally:
+            gc.collect()  # the failed step's tensors: free them before the next, larger try
+            if torch.cuda.is_initialized():
+                torch.cuda.empty_cache()
+        best, batch = batch, batch * 2
+    return best
+
+
+def full_step_fits(size: int, device: torch.device):
+    """step(batch): one training step of the whole network at `batch`, the most memory a step takes."""
+    model = build_model("none").to(device, memory_format=torch.channels_last)
+    opt = torch.optim.AdamW(param_groups(model, "all", 1e-4, 0.1), lr=1e-4)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+
+    def step(batch: int) -> None:
+        set_train_mode(model, "all")
+        data = [(torch.randn(batch, 3, size, size), torch.randint(0, 2, (batch,)))]
+        train_one_epoch(model, data, opt, sched, device, desc=f"fits {batch}?")
+        sync(device)
+
+    return step
 
 
 def head_cached_img_s(bs: int, device, n: int = 8192) -> float:
@@ -137,31 +174,37 @@ def loader_img_s(root: Path, bs: int, size: int, workers: int, seconds: float) -
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--batch-size", type=int, help="default: 8 on CPU, 128 on CUDA")
+    parser.add_argument("--batch-size", type=int, help="default: 8 on CPU; CUDA: the largest that fits, 32 to 1024")
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--seconds", type=float, help="timed window per figure; default 15 on CPU, 10 on CUDA")
     parser.add_argument("--workers", type=int, default=os.cpu_count(), help="DataLoader workers for loader_img_s")
     parser.add_argument("--images", type=Path, help="an ImageFolder of JPEGs; default: generated demo photos")
-    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     cuda = device.type == "cuda"
-    bs = args.batch_size or (128 if cuda else 8)
-    seconds = args.seconds or (10.0 if cuda else 15.0)
-    warmup = 5 if cuda else 1
     torch.backends.cudnn.benchmark = True
     torch.manual_seed(0)
+    t0 = time.perf_counter()
+    bs = args.batch_size or 8
+    if cuda and not args.batch_size:
+        bs = largest_batch(full_step_fits(args.image_size, device), start=32, limit=1024)
+        if not bs:
+            raise SystemExit(f"a full training step at batch 32, {args.image_size} px, does not fit on this GPU")
+        print(f"largest batch that fits a full training step: {bs}", flush=True)
+    seconds = args.seconds or (10.0 if cuda else 15.0)
+    warmup = 5 if cuda else 1
 
     results = {
         "device": torch.cuda.get_device_name(device) if cuda else f"cpu ({os.cpu_count()} cores)",
         "torch": torch.__version__,
         "python": platform.python_version(),
         "batch_size": bs,
+        "batch_size_from": "--batch-size" if args.batch_size else ("largest that fits" if cuda else "CPU default"),
         "image_size": args.image_size,
         "seconds_per_figure": seconds,
         "loader_workers": args.workers,
     }
-    t0 = time.perf_counter()
     results["full_img_s"] = train_step_img_s("all", bs, args.image_size, device, seconds, warmup)
     results["head_uncached_img_s"] = train_step_img_s("head", bs, args.image_size, device, seconds, warmup)
     results["head_cached_img_s"] = head_cached_img_s(bs, device)
@@ -174,9 +217,8 @@ def main(argv=None) -> None:
     results["bench_seconds"] = time.perf_counter() - t0
     results = {k: round(v, 2) if isinstance(v, float) else v for k, v in results.items()}
 
-    args.out.mkdir(parents=True, exist_ok=True)
     out = args.out / f"train_{device.type}.json"
-    out.write_text(json.dumps(results, indent=2) + "\n")
+    atomic_write_text(out, json.dumps(results, indent=2) + "\n")
     print(f"\n{results['device']}, torch {results['torch']}, batch {bs}, {args.image_size} px")
     for key in ("full_img_s", "head_uncached_img_s", "head_cached_img_s", "features_img_s", "loader_img_s"):
         print(f"  {key:<22} {results[key]:>10.1f} img/s")

@@ -193,4 +193,5 @@ class ServeParams:
     max_pixels: int  # images with more pixels get 400 (decompression bombs)
     max_batch_images: int  # images in one /classify_batch request
     variant: Literal["auto", "fp32", "int8", "fp16"]  # model file; auto: fp16 on CUDA, int8 on CPU, if exported
-    threads: int  # ONNX Runtime intra-op threads of the model service; 0 = one per core
+    threads: int  # ONNX Runtime intra-op threads of each model worker; 0 = one per core
+    workers: int  # model service processes, each with its own copy of the model and its own batches

@@ -205,9 +205,9 @@ def open_model(
     cuda = provider != "cpu" and CUDA in ort.get_available_providers()
     chosen = auto_variant(onnx_dir, cuda)
     session, used = make_session(onnx_dir, provider, chosen, threads)
-    if used != "cuda" and chosen != auto_variant(onnx_dir, False):  # CUDA fell back: take the CPU's variant
+    if used != "cuda" and chosen != auto_variant(onnx_dir, False):  # CUDA fell back (logged): the CPU's variant
         chosen = auto_variant(onnx_dir, False)
-        session, used = make_session(onnx_dir, provider, chosen, threads)
+        session, used = make_session(onnx_dir, "cpu", chosen, threads)
     log.info("ONNX Runtime: variant %s on %s", chosen, used)
     return session, used, chosen
 

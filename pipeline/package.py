@@ -59,7 +59,7 @@ def import_model(onnx_dir: Path, name: str, metadata: dict, labels: dict) -> ben
     except NotFound:
         pass
     with bentoml.models.create(tag, labels=labels, metadata=metadata) as model:
-        for path in sorted(onnx_dir.iterdir()):  # model.onnx and its external data model.onnx.data
+        for path in sorted(onnx_dir.iterdir()):  # model.onnx, its external data model.onnx.data, the variants
             shutil.copyfile(path, Path(model.path) / path.name)
     return bentoml.models.get(tag)  # as stored (inside `create` the path is a temporary folder)
 

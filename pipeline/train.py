@@ -29,7 +29,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from dvclive import Live
 from sklearn.metrics import log_loss
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
@@ -233,6 +232,8 @@ def main(argv=None) -> None:
             log.info("ignoring %s: it belongs to other params or data", args.checkpoint)
 
     args.model.parent.mkdir(parents=True, exist_ok=True)
+    from dvclive import Live  # here, not at the top: the benches import this module where DVC is not installed
+
     # DVC removes the stage's outputs before a rerun: rebuild the curves of resumed epochs from the checkpoint
     with Live(dir=str(args.live), save_dvc_exp=False, dvcyaml=None) as live:
         for metrics in history:

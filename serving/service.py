@@ -115,7 +115,10 @@ RUNNER_MAX_REQUESTS = 1_000_000
 
 
 @bentoml.service(
-    resources={"gpu": 1}, traffic={"timeout": 120}, runner_connection={"max_requests": RUNNER_MAX_REQUESTS}
+    resources={"gpu": 1},
+    workers=SERVE.workers,
+    traffic={"timeout": 120},
+    runner_connection={"max_requests": RUNNER_MAX_REQUESTS},
 )
 class Classifier:
     """The model: preprocessed images (N, 3, H, W) -> probabilities (N, 2), batched across requests."""

@@ -19,6 +19,7 @@ from pipeline.data import (
     VARIANT_FILES,
     ImageError,
     ModelError,
+    auto_variant,
     load_image,
     make_session,
     open_model,
@@ -253,7 +254,12 @@ def test_variants_are_opened_by_name_and_auto_picks_int8_on_cpu(tmp_path, caplog
         make_session(onnx_dir, "cpu", "int4")
     (onnx_dir / VARIANT_FILES["int8"]).write_bytes((onnx_dir / MODEL_FILE).read_bytes())  # stands in for int8
     (onnx_dir / VARIANT_FILES["fp16"]).write_bytes((onnx_dir / MODEL_FILE).read_bytes())
-    session, used, variant = open_model(onnx_dir, "auto", threads=1)
+    assert (auto_variant(onnx_dir, cuda=True), auto_variant(onnx_dir, cuda=False)) == ("fp16", "int8")
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="data"):
+        session, used, variant = open_model(onnx_dir, "auto", threads=1)
     assert (used, variant) == ("cuda", "fp16") if used == "cuda" else (used, variant) == ("cpu", "int8")
+    fallbacks = [r for r in caplog.records if "CUDA provider not obtained" in r.message]
+    assert len(fallbacks) == (used == "cpu" and "CUDAExecutionProvider" in ort.get_available_providers())  # once
     assert session.get_session_options().intra_op_num_threads == 1
     assert open_model(onnx_dir, "cpu", "fp16")[2] == "fp16"  # asked for by name: given, even on CPU

@@ -5,6 +5,7 @@ demo set packaged into a temporary BENTOML_HOME, and `bentoml serve` on 127.0.0.
 """
 
 import io
+import json
 import os
 import re
 import signal
@@ -288,3 +289,25 @@ def test_make_serve_runs_in_the_foreground_and_stops_on_ctrl_c(served, tmp_path)
             time.sleep(0.5)
     with socket.socket() as s:
         assert s.connect_ex(("127.0.0.1", port)) != 0, "the port still answers"
+
+
+@pytest.mark.slow
+def test_load_test_drives_batched_and_unbatched_services_with_two_model_workers(served, tmp_path):
+    """bench/load_test.py end to end, briefly: locust against the batched and the unbatched service (here
+    with two model workers of one thread: serve.workers), and raw ONNX Runtime beside them."""
+    out = tmp_path / "load.json"
+    run(
+        "bench/load_test.py", "--onnx", str(served["tmp"] / "onnx"), "--params", str(served["tmp"] / "params.yaml"),
+        "--photos", str(served["tmp"] / "prepared" / "valid"), "--clients", "4", "--seconds", "4", "--warmup", "2",
+        "--raw-seconds", "0.5", "--set", "workers=2", "--set", "threads=1", "--out", str(out),
+    )  # fmt: skip
+    figures = json.loads(out.read_text())
+    batched, unbatched = figures["batched"], figures["unbatched"]
+    for mode in (batched, unbatched):
+        assert mode["requests"] > 0 and mode["errors"] == 0 and mode["rps"] > 0, mode
+        assert mode["p50_ms"] <= mode["p95_ms"] <= mode["p99_ms"], mode
+    assert batched["model_calls"] > 0 and batched["mean_batch"] >= 1  # from the service's /metrics
+    assert unbatched["model_calls"] == 0 and unbatched["mean_batch"] == 1  # batching off: no batch histogram
+    assert figures["serve"]["workers"] == 2 and figures["serve"]["threads"] == 1
+    assert figures["raw_ort_img_s_by_batch"]["1"] > 0 and figures["batching_ceiling"] > 0
+    assert figures["batched_vs_unbatched_rps"] == pytest.approx(batched["rps"] / unbatched["rps"], abs=0.01)
