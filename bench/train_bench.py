@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, RandomSampler
 from torchvision.datasets import ImageFolder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -156,18 +156,16 @@ def jpeg_folder(root: Path, n: int) -> Path:
 
 
 def loader_img_s(root: Path, bs: int, size: int, workers: int, seconds: float) -> float:
+    """Images/s of JPEG decoding + preprocessing through a DataLoader of `workers` processes. Drawn with
+    replacement, so one iterator runs the whole window however few images there are next to the batch:
+    no epoch restarts, which would drain the workers' prefetched batches and under-read a GPU box."""
     ds = ImageFolder(root, transform=eval_transform(size))
-    loader = DataLoader(ds, batch_size=bs, shuffle=True, num_workers=workers, persistent_workers=workers > 0)
-    it, done = iter(loader), 0
+    sampler = RandomSampler(ds, replacement=True, num_samples=1 << 30)
+    it, done = iter(DataLoader(ds, batch_size=bs, sampler=sampler, num_workers=workers)), 0
     next(it)  # warm-up: workers started
     t0 = time.perf_counter()
     while time.perf_counter() - t0 < seconds:
-        try:
-            x, _ = next(it)
-        except StopIteration:
-            it = iter(loader)
-            continue
-        done += len(x)
+        done += len(next(it)[0])
     return done / (time.perf_counter() - t0)
 
 
