@@ -62,19 +62,29 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def train_step_img_s(finetune: str, bs: int, size: int, device, seconds: float, warmup: int) -> float:
-    """Images/s of train_one_epoch over synthetic batches, the backbone frozen or not."""
+def train_step(finetune: str, size: int, device: torch.device):
+    """step(batch) -> batch: one train_one_epoch step of a synthetic batch of that many images, the backbone
+    frozen or not. The batch's tensors are kept while its size stays the same (timing), remade when it
+    changes (the largest-batch search)."""
     model = build_model("none").to(device, memory_format=torch.channels_last)
     opt = torch.optim.AdamW(param_groups(model, finetune, 1e-4, 0.1), lr=1e-4)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
-    batch = [(torch.randn(bs, 3, size, size), torch.randint(0, 2, (bs,)))]
+    data: list = []
 
-    def step() -> int:
+    def step(batch: int) -> int:
+        if not data or len(data[0][1]) != batch:
+            data[:] = [(torch.randn(batch, 3, size, size), torch.randint(0, 2, (batch,)))]
         set_train_mode(model, finetune)
-        train_one_epoch(model, batch, opt, sched, device, desc=finetune)
-        return bs
+        train_one_epoch(model, data, opt, sched, device, desc=finetune)
+        return batch
 
-    return timed(step, seconds, warmup, device)[0]
+    return step
+
+
+def train_step_img_s(finetune: str, bs: int, size: int, device, seconds: float, warmup: int) -> float:
+    """Images/s of train_one_epoch over synthetic batches, the backbone frozen or not."""
+    step = train_step(finetune, size, device)
+    return timed(lambda: step(bs), seconds, warmup, device)[0]
 
 
 def largest_batch(step, start: int, limit: int) -> int:
@@ -92,21 +102,6 @@ def largest_batch(step, start: int, limit: int) -> int:
                 torch.cuda.empty_cache()
         best, batch = batch, batch * 2
     return best
-
-
-def full_step_fits(size: int, device: torch.device):
-    """step(batch): one training step of the whole network at `batch`, the most memory a step takes."""
-    model = build_model("none").to(device, memory_format=torch.channels_last)
-    opt = torch.optim.AdamW(param_groups(model, "all", 1e-4, 0.1), lr=1e-4)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
-
-    def step(batch: int) -> None:
-        set_train_mode(model, "all")
-        data = [(torch.randn(batch, 3, size, size), torch.randint(0, 2, (batch,)))]
-        train_one_epoch(model, data, opt, sched, device, desc=f"fits {batch}?")
-        sync(device)
-
-    return step
 
 
 def head_cached_img_s(bs: int, device, n: int = 8192) -> float:
@@ -186,7 +181,9 @@ def main(argv=None) -> None:
     t0 = time.perf_counter()
     bs = args.batch_size or 8
     if cuda and not args.batch_size:
-        bs = largest_batch(full_step_fits(args.image_size, device), start=32, limit=1024)
+        step = train_step("all", args.image_size, device)  # a full fine-tune step takes the most memory
+        bs = largest_batch(lambda batch: (step(batch), sync(device)), start=32, limit=1024)
+        del step
         if not bs:
             raise SystemExit(f"a full training step at batch 32, {args.image_size} px, does not fit on this GPU")
         print(f"largest batch that fits a full training step: {bs}", flush=True)
