@@ -8,9 +8,11 @@ BIN := $(abspath $(VENV))/bin
 export PATH := $(BIN):$(PATH)
 export DVC_NO_ANALYTICS := 1
 
-# The real competition run: these keys override params.yaml's demo values (see README).
-KAGGLE_PARAMS := fetch.source=kaggle prepare.valid_per_class=1000 train.weights=imagenet train.image_size=224 \
-	train.lr=0.001 train.epochs=3
+# The real competition run: these keys override params.yaml's demo values (see README). ZIP=path takes the
+# competition zip downloaded in a browser (its home: downloads/) instead of the Kaggle API.
+ZIP ?=
+KAGGLE_PARAMS := fetch.source=$(if $(ZIP),$(abspath $(ZIP)),kaggle) prepare.valid_per_class=1000 \
+	train.weights=imagenet train.image_size=224 train.lr=0.001 train.epochs=3
 
 .PHONY: install demo test repro submit serve lint clean bench
 
@@ -31,8 +33,17 @@ test: install
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests, which counts as a failure" >&2; exit 1; fi; \
 	exit $$rc
 
+# `dvc exp run -S` writes the overrides into params.yaml: when the run fails, the file is put back as it was,
+# so `make demo` (which runs params.yaml as it is) works again with no manual step
 repro: install
-	$(BIN)/dvc exp run $(addprefix -S ,$(KAGGLE_PARAMS))
+	@case "$(abspath $(ZIP))/" in "$(abspath data/raw)"/*) \
+	  echo "make repro: ZIP=$(ZIP) is inside data/raw/, the fetch stage's output, which DVC empties before fetch runs: move it to downloads/ and run 'make repro ZIP=downloads/$(notdir $(ZIP))'" >&2; exit 2;; esac
+	@if [ -n "$(ZIP)" ] && [ ! -e "$(ZIP)" ]; then echo "make repro: ZIP=$(ZIP) does not exist" >&2; exit 2; fi
+	@cp params.yaml .params.yaml.before-repro
+	@if $(BIN)/dvc exp run $(addprefix -S ,$(KAGGLE_PARAMS)); then rm -f .params.yaml.before-repro; else \
+	  mv .params.yaml.before-repro params.yaml; \
+	  echo "make repro failed (see above); params.yaml is back as it was before, so 'make demo' runs as before" >&2; \
+	  exit 1; fi
 
 # Upload submissions/submission.csv (made by `make repro`) to Kaggle; MESSAGE="..." adds a note to the
 # message, which always names the git commit and the validation metrics. Not a DVC stage: it is not repeatable.

@@ -164,8 +164,11 @@ class ExportParams:
     tolerance: float  # the check fails the stage when max |P_onnx - P_torch| exceeds this
     variants: tuple[Literal["fp32", "int8", "fp16"], ...]  # files to write: fp32 always; int8 (CPU), fp16 (GPU)
     calibration_images: int  # validation images that range the int8 activations
-    max_accuracy_drop: float  # a variant's validation accuracy may be this much below fp32's (0.002 = 0.2 points)
-    max_log_loss_rise: float  # ... and its validation log loss this much above fp32's
+    max_accuracy_drop: float  # a variant may get this fraction of the validation images more wrong than fp32 ...
+    accuracy_slack_images: int  # ... and never fewer than this many images (one of 300 is 0.33 points)
+    max_log_loss_ratio: float  # a variant's validation log loss may be at most this many times fp32's
+    strict: bool  # a refused variant fails the stage (false: it is not kept, recorded, and fp32 serves instead)
+    keep_failed: bool  # a failed export keeps its temporary folder (models/.onnx.tmp, ~600 MB) to inspect
 
 
 @dataclass(frozen=True)
@@ -176,7 +179,7 @@ class PredictParams:
     clip: Literal["evaluate"] | float  # "evaluate": metrics/evaluate.json's clip; a number: that fixed clip
     provider: Literal["auto", "cpu", "cuda"]  # ONNX Runtime provider; auto: CUDA when really obtained, else CPU
     max_pixels: int  # larger test images are unreadable (decompression bombs), predicted 0.5
-    variant: Literal["auto", "fp32", "int8", "fp16"]  # model file; auto: fp16 on CUDA, int8 on CPU, if exported
+    variant: Literal["auto", "fp32", "int8", "fp16"]  # model file; auto: fp16 on CUDA if it passed export, else fp32
 
 
 @dataclass(frozen=True)
@@ -192,6 +195,6 @@ class ServeParams:
     max_bytes: int  # uploads larger than this get 413
     max_pixels: int  # images with more pixels get 400 (decompression bombs)
     max_batch_images: int  # images in one /classify_batch request
-    variant: Literal["auto", "fp32", "int8", "fp16"]  # model file; auto: fp16 on CUDA, int8 on CPU, if exported
+    variant: Literal["auto", "fp32", "int8", "fp16"]  # auto: fp16 on CUDA, int8 on CPU, if they passed export
     threads: int  # ONNX Runtime intra-op threads of each model worker; 0 = one per core
     workers: int  # model service processes, each with its own copy of the model and its own batches

@@ -11,10 +11,14 @@ checks a submission against Kaggle's `sample_submission.csv` (for `predict` and 
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import io
 import json
 import logging
 import os
+import sys
 import warnings
 from pathlib import Path
 
@@ -32,6 +36,9 @@ MODEL_FILE = "model.onnx"  # inside the ONNX folder, beside its external data fi
 # the variants `export` can write into the ONNX folder (model.onnx, the fp32 reference, always), each a
 # complete model with the same inputs, outputs and metadata
 VARIANT_FILES = {"fp32": MODEL_FILE, "int8": "model.int8.onnx", "fp16": "model.fp16.onnx"}
+# export's verdict on each variant it tried ({variant: {passed, reason, accuracy, log_loss, ...}}), in the ONNX
+# folder beside the models, so predict and the service (which has only the folder) can say why one is missing
+VARIANTS_RECORD = "variants.json"
 CUDA, CPU = "CUDAExecutionProvider", "CPUExecutionProvider"
 # metadata_props keys written by `export`, and how to read each back from its string
 METADATA_TYPES = {
@@ -150,28 +157,69 @@ def read_metadata(onnx_dir: str | os.PathLike) -> dict:
     return meta
 
 
+@functools.cache
+def gpu_present() -> bool:
+    """Whether the NVIDIA driver sees a GPU (libcuda's cuInit + cuDeviceGetCount, no torch needed).
+
+    onnxruntime-gpu lists CUDA among its providers on any machine; asked for it without a GPU, it prints a
+    red "Failed to load library libonnxruntime_providers_cuda.so" and falls back to CPU. Asking only where
+    the driver reports a device keeps a CPU machine's log clean."""
+    name = "nvcuda.dll" if sys.platform == "win32" else ctypes.util.find_library("cuda") or "libcuda.so.1"
+    try:
+        cuda = ctypes.CDLL(name)
+    except OSError:  # no NVIDIA driver installed: macOS, most laptops, CPU servers
+        return False
+    count = ctypes.c_int(0)
+    return cuda.cuInit(0) == 0 and cuda.cuDeviceGetCount(ctypes.byref(count)) == 0 and count.value > 0
+
+
+def read_variants_record(onnx_dir: str | os.PathLike) -> dict:
+    """export's verdict on each variant it tried, {variant: {passed, reason, ...}}; {} for an older export."""
+    path = Path(onnx_dir) / VARIANTS_RECORD
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def missing_variant_error(onnx_dir: str | os.PathLike, variant: str) -> ModelError:
+    """Why a variant's file is not in the folder: export refused it (and why), or was never asked for it."""
+    path = Path(onnx_dir) / VARIANT_FILES[variant]
+    verdict = read_variants_record(onnx_dir).get(variant)
+    if verdict is not None and not verdict["passed"]:
+        return ModelError(
+            f"{variant} was refused by export's check, so {path.name} was not kept: {verdict['reason']}. "
+            "Use variant fp32 or auto, or change the export bounds and run 'dvc repro export'"
+        )
+    hint = "" if variant == "fp32" else f" (add {variant} to export.variants)"
+    return ModelError(f"{path} not found: run 'dvc repro export' first{hint}")
+
+
 def make_session(
     onnx_dir: str | os.PathLike, provider: str, variant: str = "fp32", threads: int = 0
 ) -> tuple[ort.InferenceSession, str]:
     """An ONNX Runtime session on `provider` (auto | cpu | cuda) for one variant's file (fp32 | int8 | fp16),
     and the provider it really got ("cuda"|"cpu"). `threads`: intra-op threads, 0 = ONNX Runtime's default.
 
-    onnxruntime-gpu falls back to CPU without raising when CUDA or cuDNN cannot be loaded (it only logs),
-    so the answer comes from `session.get_providers()`: `cuda` then fails, `auto` logs the fallback."""
+    CUDA is asked for only where a GPU is present (`gpu_present`); even then onnxruntime-gpu falls back to
+    CPU without raising when CUDA or cuDNN cannot be loaded (it only logs), so the answer comes from
+    `session.get_providers()`: `cuda` then fails, `auto` logs the fallback."""
     if provider not in ("auto", "cpu", "cuda"):
         raise ValueError(f"provider must be auto, cpu or cuda, not {provider!r}")
     if variant not in VARIANT_FILES:
         raise ValueError(f"variant must be one of {', '.join(VARIANT_FILES)}, not {variant!r}")
     path = Path(onnx_dir) / VARIANT_FILES[variant]
     if not path.is_file():
-        hint = "" if variant == "fp32" else f" (add {variant} to export.variants)"
-        raise ModelError(f"{path} not found: run 'dvc repro export' first{hint}")
-    want_cuda = provider != "cpu" and CUDA in ort.get_available_providers()
-    if provider == "cuda" and not want_cuda:
+        raise missing_variant_error(onnx_dir, variant)
+    has_cuda_provider = CUDA in ort.get_available_providers()
+    if provider == "cuda" and not has_cuda_provider:
         raise ModelError(
             f"provider is 'cuda' but this onnxruntime has no CUDA provider ({ort.get_available_providers()}): "
             "install onnxruntime-gpu, or set the provider to auto or cpu"
         )
+    if provider == "cuda" and not gpu_present():
+        raise ModelError(
+            "provider is 'cuda' but the NVIDIA driver reports no GPU on this machine (libcuda missing or no "
+            "device): run where a GPU is, or set the provider to auto or cpu"
+        )
+    want_cuda = provider != "cpu" and has_cuda_provider and gpu_present()
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     try:
@@ -181,32 +229,34 @@ def make_session(
     used = "cuda" if CUDA in session.get_providers() else "cpu"
     if provider == "cuda" and used != "cuda":
         raise ModelError(
-            "provider is 'cuda' but ONNX Runtime could not start CUDA (see its message above: usually no GPU, "
-            "or CUDA/cuDNN libraries it cannot load): fix that, or set the provider to auto or cpu"
+            "provider is 'cuda' but ONNX Runtime could not start CUDA (see its message above: usually CUDA/cuDNN "
+            "libraries it cannot load): fix that, or set the provider to auto or cpu"
         )
     if provider == "auto" and want_cuda and used != "cuda":
         log.warning("CUDA provider not obtained (see ONNX Runtime's message above): running on CPU")
     return session, used
 
 
-def auto_variant(onnx_dir: str | os.PathLike, cuda: bool) -> str:
-    """The fastest variant the folder has for the device: fp16 on CUDA, int8 on CPU (measured: 1.9x fp32
-    on VGG16; fp16 is no faster on CPU), else fp32."""
-    preferred = "fp16" if cuda else "int8"
+def auto_variant(onnx_dir: str | os.PathLike, cuda: bool, cpu_variant: str = "int8") -> str:
+    """The variant `auto` picks among the files export kept (those that passed its check): fp16 on CUDA;
+    on CPU `cpu_variant`, int8 for the service's speed (measured: 1.9x fp32 on VGG16) or fp32 for predict;
+    else fp32."""
+    preferred = "fp16" if cuda else cpu_variant
     return preferred if (Path(onnx_dir) / VARIANT_FILES[preferred]).is_file() else "fp32"
 
 
 def open_model(
-    onnx_dir: str | os.PathLike, provider: str, variant: str = "auto", threads: int = 0
+    onnx_dir: str | os.PathLike, provider: str, variant: str = "auto", threads: int = 0, cpu_variant: str = "int8"
 ) -> tuple[ort.InferenceSession, str, str]:
-    """`make_session` with `variant` auto resolved for the provider really obtained: (session, provider, variant)."""
+    """`make_session` with `variant` auto resolved for the provider really obtained: (session, provider, variant).
+    `cpu_variant`: what auto means on CPU (int8 for the service, fp32 for predict's submission)."""
     if variant != "auto":
         return (*make_session(onnx_dir, provider, variant, threads), variant)
-    cuda = provider != "cpu" and CUDA in ort.get_available_providers()
-    chosen = auto_variant(onnx_dir, cuda)
+    cuda = provider != "cpu" and CUDA in ort.get_available_providers() and gpu_present()
+    chosen = auto_variant(onnx_dir, cuda, cpu_variant)
     session, used = make_session(onnx_dir, provider, chosen, threads)
-    if used != "cuda" and chosen != auto_variant(onnx_dir, False):  # CUDA fell back (logged): the CPU's variant
-        chosen = auto_variant(onnx_dir, False)
+    if used != "cuda" and chosen != auto_variant(onnx_dir, False, cpu_variant):  # CUDA fell back (logged)
+        chosen = auto_variant(onnx_dir, False, cpu_variant)
         session, used = make_session(onnx_dir, "cpu", chosen, threads)
     log.info("ONNX Runtime: variant %s on %s", chosen, used)
     return session, used, chosen

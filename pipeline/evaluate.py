@@ -6,8 +6,10 @@ metrics/evaluate.json --plots plots/evaluate` (run by `dvc repro evaluate`).
 Writes accuracy, log loss and the confusion matrix; the lesson's diagnostics as image grids (the most
 wrong images, "top losses", and the most uncertain ones); and the clip. Kaggle's log loss punishes a
 confident mistake without bound, so submissions clip P(dog) to [c, 1-c]. The lesson fixes c = 0.05;
-here c is searched on the validation set over a fine grid, and both are reported. Optionally a
-temperature is fitted on validation too, and the report says whether it beats clipping.
+here c is searched on the validation set over a fine grid, and both are reported; a search that ends
+at `clip_max` is flagged (the curve was still falling: raise clip_max). Optionally a temperature is fitted
+on validation too (then a clip searched on top of it); `calibration` says which of the two `predict`
+applies: the temperature when it beats the clip alone on validation, else the clip.
 """
 
 from __future__ import annotations
@@ -99,10 +101,21 @@ def evaluate(probs: np.ndarray, logits: np.ndarray, y: np.ndarray, p: EvaluatePa
         "log_loss_lesson_clip": lesson,
         "confusion_matrix": confusion_matrix(y, probs.argmax(1), labels=[0, 1]).tolist(),  # rows: true cat, dog
     }
+    metrics["clip_at_max"] = bool(clip >= p.clip_max - p.clip_step / 2)
+    metrics["calibration"] = "clip"
     if p.temperature_scaling:
         t = fit_temperature(logits, y)
-        scaled = log_loss(softmax(logits / t)[:, 1], y)
-        metrics.update(temperature=t, log_loss_temperature=scaled, temperature_beats_clip=scaled < clipped)
+        scaled = softmax(logits / t)[:, 1]
+        t_clip, t_clipped = best_clip(clip_curve(scaled, y, p.clip_max, p.clip_step))
+        metrics.update(
+            temperature=t,
+            log_loss_temperature=log_loss(scaled, y),
+            temperature_clip=t_clip,  # the clip searched on the temperature-scaled probabilities
+            log_loss_temperature_clipped=t_clipped,
+            temperature_beats_clip=t_clipped < clipped,
+        )
+        if t_clipped < clipped:
+            metrics["calibration"] = "temperature"
     return metrics, curve
 
 
@@ -145,6 +158,12 @@ def main(argv=None) -> None:
         captions = [f"{Path(paths[i]).name}\nis {names[y[i]]}, P(dog)={probs[i, 1]:.3f}" for i in pick]
         image_grid([paths[i] for i in pick], captions).save(args.plots / f"{name}.png")
     atomic_write_text(args.metrics, json.dumps(metrics, indent=2) + "\n")
+    if metrics["clip_at_max"]:
+        log.warning(
+            "the best clip is evaluate.clip_max (%g): the log loss was still falling there, so a larger clip may "
+            "do better; raise clip_max (the model is far from calibrated)",
+            p.clip_max,
+        )
     log.info(
         "accuracy %.4f  log_loss %.4f  clip %.4f -> %.4f  (lesson clip %.2f -> %.4f)%s",
         metrics["accuracy"],
@@ -153,10 +172,12 @@ def main(argv=None) -> None:
         metrics["log_loss_clipped"],
         p.lesson_clip,
         metrics["log_loss_lesson_clip"],
-        f"  temperature {metrics['temperature']:.3f} -> {metrics['log_loss_temperature']:.4f}"
+        f"  temperature {metrics['temperature']:.3f} (+ clip {metrics['temperature_clip']:.4f}) -> "
+        f"{metrics['log_loss_temperature_clipped']:.4f}"
         if p.temperature_scaling
         else "",
     )
+    log.info("predict will calibrate with the %s (the better on validation)", metrics["calibration"])
 
 
 if __name__ == "__main__":

@@ -12,8 +12,12 @@ a temporary folder and renamed into place only after it passes its own check: `o
 Runtime loads it (IR version <= 13 for onnxruntime 1.31), and ONNX Runtime agrees with PyTorch on real
 validation images to `export.tolerance`. A failed check stops the stage with the output path untouched.
 
-`export.variants` adds faster copies of the model beside it, each checked against it on the validation
-set (`pipeline.variants`); predict and the service choose a variant by param.
+`export.variants` adds faster copies of the model beside it, each scored against it on the validation
+set (`pipeline.variants`). A variant worse than the bounds allow is refused, not kept: its figures and the
+reason go to `metrics/export.json` and `variants.json` in the folder, and the stage's last log line says so;
+the pipeline goes on with fp32 (`export.strict: true` fails the stage instead). A failed export removes
+its temporary folder (`export.keep_failed: true` keeps it to inspect). predict and the service choose a
+variant by param.
 """
 
 from __future__ import annotations
@@ -35,6 +39,8 @@ from pipeline.config import ExportParams, PrepareParams, load_params
 from pipeline.data import (
     MAX_IR_VERSION,
     MODEL_FILE,
+    VARIANT_FILES,
+    VARIANTS_RECORD,
     ModelError,
     atomic_write_text,
     load_image,
@@ -43,7 +49,7 @@ from pipeline.data import (
     read_metadata,
 )
 from pipeline.model import load_model
-from pipeline.variants import VariantError, export_variants
+from pipeline.variants import export_variants
 
 log = logging.getLogger("export")
 INPUT, OUTPUT = "image", "probs"
@@ -156,6 +162,17 @@ def main(argv=None) -> None:
     work = args.out.parent / f".{args.out.name}.tmp"
     if work.exists():
         shutil.rmtree(work)
+
+    def fail(message: str) -> SystemExit:
+        """End the stage with `args.out` untouched; the temporary folder (~600 MB for VGG16) goes unless kept."""
+        if p.keep_failed:
+            return SystemExit(f"export failed its check, {args.out} is unchanged ({work} kept to inspect): {message}")
+        shutil.rmtree(work, ignore_errors=True)
+        return SystemExit(
+            f"export failed its check, {args.out} is unchanged (set export.keep_failed: true to keep {work} "
+            f"to inspect): {message}"
+        )
+
     t0 = time.perf_counter()
     metadata = onnx_metadata(meta)
     ir_version = export_onnx(model, meta["image_size"], work, metadata, p.opset)
@@ -163,17 +180,21 @@ def main(argv=None) -> None:
     try:
         diff = check_export(work, model, images, metadata, p.tolerance)
     except (ExportError, ModelError, onnx.checker.ValidationError) as e:
-        raise SystemExit(f"export failed its check, {args.out} is unchanged ({work} kept to inspect): {e}") from None
+        raise fail(str(e)) from None
     scores, variant_seconds = {}, 0.0
     if set(p.variants) - {"fp32"}:
         t1 = time.perf_counter()
         try:
             scores = export_variants(work, p, meta, metadata, args.data / "valid", max_pixels)
-        except (VariantError, ModelError) as e:
-            raise SystemExit(
-                f"export failed its check, {args.out} is unchanged ({work} kept to inspect): {e}"
-            ) from None
+        except ModelError as e:
+            raise fail(str(e)) from None
         variant_seconds = time.perf_counter() - t1
+        refused = {v: s["reason"] for v, s in scores.items() if not s["passed"]}
+        if refused and p.strict:
+            raise fail("; ".join(f"{v} is worse than fp32 on the validation set: {r}" for v, r in refused.items()))
+        for variant in refused:
+            (work / VARIANT_FILES[variant]).unlink()  # auto never picks it; asked for by name, the record says why
+        (work / VARIANTS_RECORD).write_text(json.dumps(scores, indent=2, sort_keys=True) + "\n")
     if args.out.exists():
         shutil.rmtree(args.out)
     work.rename(args.out)  # the checked folder appears at once
@@ -187,7 +208,8 @@ def main(argv=None) -> None:
         "opset": p.opset,
         "ir_version": ir_version,
         "export_seconds": round(seconds, 2),
-        "variants": scores,  # {variant: accuracy, log_loss, bytes, accuracy_drop, log_loss_rise} on valid
+        "variants": scores,  # {variant: accuracy, log_loss, bytes, accuracy_drop, log_loss_rise, passed, reason}
+        "refused": sorted(v for v, s in scores.items() if not s["passed"]),
         "variant_seconds": round(variant_seconds, 2),  # quantize/convert + score every variant
     }
     atomic_write_text(args.metrics, json.dumps(metrics, indent=2) + "\n")
@@ -203,9 +225,21 @@ def main(argv=None) -> None:
     )
     for variant, sc in scores.items():
         log.info(
-            "%s: validation accuracy %.4f (drop %.4f), log loss %.4f (rise %.4f), %.1f MiB",
+            "%s: validation accuracy %.4f (drop %.4f), log loss %.4f (rise %.4f), %.1f MiB: %s",
             variant, sc["accuracy"], sc["accuracy_drop"], sc["log_loss"], sc["log_loss_rise"], sc["bytes"] / 2**20,
+            "kept" if sc["passed"] else "refused",
         )  # fmt: skip
+    kept = [v for v in ("fp32", *p.variants) if v == "fp32" or scores.get(v, {}).get("passed")]
+    refused = [f"{v} ({s['reason']})" for v, s in scores.items() if not s["passed"]]
+    if refused:
+        log.warning(
+            "kept %s and refused %s, so predict and the service use fp32 in its place (export.strict: true "
+            "would fail the stage instead)",
+            ", ".join(dict.fromkeys(kept)),
+            "; ".join(refused),
+        )
+    else:
+        log.info("kept %s", ", ".join(dict.fromkeys(kept)))
 
 
 if __name__ == "__main__":

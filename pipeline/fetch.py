@@ -5,7 +5,9 @@ data/raw/demo_test_labels.csv` (run by `dvc repro fetch`). `fetch.source` in par
 - `kaggle`: `KaggleApi.competition_download_files`; needs credentials and the rules accepted;
 - `demo`: the seeded synthetic data set of `pipeline.demo`, plus its hidden test labels;
 - a path to the competition zip, or to a folder holding `train.zip`, `test.zip` and
-  `sample_submission.csv` (for a download made in a browser).
+  `sample_submission.csv` (for a download made in a browser). Its home is `downloads/`, which git
+  ignores: never inside `data/raw/`, this stage's output, which DVC empties before the stage runs
+  (`make repro ZIP=downloads/dogs-vs-cats-redux-kernels-edition.zip` runs the real recipe on it).
 Every failure ends the stage with one paragraph saying what to do. The zip is written under a
 temporary name and renamed, so an interrupted download never looks like a finished one.
 """
@@ -38,8 +40,10 @@ def credentials_help(competition: str) -> str:
         "No Kaggle credentials found. Create an API token on https://www.kaggle.com/settings "
         "(API > Create New Token), then either set KAGGLE_API_TOKEN=<token> or save the token to "
         "~/.kaggle/access_token (the legacy ~/.kaggle/kaggle.json with username and key also works; "
-        "chmod 600 it). To try the pipeline without Kaggle, set fetch.source: demo in params.yaml "
-        "(or run 'make demo')."
+        "chmod 600 it). A zip downloaded in a browser from "
+        f"https://www.kaggle.com/competitions/{competition}/data works too: put it in downloads/ and run "
+        f"'make repro ZIP=downloads/{competition}.zip'. To try the pipeline without Kaggle, run 'make demo' "
+        "('make repro' puts params.yaml back to the demo's values when it fails)."
     )
 
 
@@ -127,9 +131,21 @@ def copy_local(source: Path, dest_zip: Path) -> None:
         )
 
 
+def check_source_outside(source: Path, out: Path, competition: str) -> None:
+    """Fail when a local source lies inside `out`, the stage's output: DVC deleted it before the stage ran."""
+    if source.resolve().is_relative_to(out.resolve()):
+        raise FetchError(
+            f"fetch.source is '{source}', inside {out}/, this stage's own output: DVC empties {out}/ before "
+            f"the stage runs, so the file is gone by now. Put the zip in downloads/ (git ignores it) and set "
+            f"fetch.source: downloads/{competition}.zip, or run 'make repro ZIP=downloads/{competition}.zip'."
+        )
+
+
 def fetch(params: FetchParams, zip_path: Path, labels_path: Path) -> None:
     """Write the competition zip (and, for the demo, the hidden test labels) into `zip_path.parent`."""
     out = zip_path.parent
+    if params.source not in ("kaggle", "demo"):
+        check_source_outside(Path(params.source).expanduser(), out, params.competition)
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}-") as tmp:
         tmp = Path(tmp)

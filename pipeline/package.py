@@ -39,13 +39,22 @@ def content_version(onnx_dir: Path) -> str:
     return h.hexdigest()[:16]
 
 
+def without_none(value):
+    """`value` without the None entries of its dicts: BentoML's model metadata refuses None (JSON null)."""
+    if isinstance(value, dict):
+        return {k: without_none(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [without_none(v) for v in value]
+    return value
+
+
 def model_metadata(onnx_dir: Path, metrics_dir: Path, train: TrainParams) -> dict:
     """What the service and its page show about the model: metrics, params, the ONNX contract."""
     meta = {"onnx": {k: list(v) if isinstance(v, tuple) else v for k, v in read_metadata(onnx_dir).items()}}
     for name in METRIC_FILES:
         path = metrics_dir / f"{name}.json"
         if path.exists():
-            meta[name] = json.loads(path.read_text())
+            meta[name] = without_none(json.loads(path.read_text()))
     meta["train"] = dataclasses.asdict(train)
     return meta
 

@@ -6,7 +6,9 @@ metrics/predict.json` (run by `dvc repro predict`).
 
 ONNX Runtime runs on CUDA when the session really gets it (onnxruntime-gpu falls back to CPU without
 raising, so `session.get_providers()` decides) and on CPU otherwise; `predict.variant` picks the model
-file (auto: fp16 on CUDA, int8 on CPU, when export wrote them); the log and the metrics say which. Threads decode
+file (auto: fp16 on CUDA when it passed export's check, else fp32: never int8 on CPU, whose results depend
+on the CPU's int8 kernels, so the submission is the same file on every CPU); the log and the metrics say
+which. Threads decode
 and resize the JPEGs a few batches ahead of the model. `sample_submission.csv` is the authority on the
 ids: an id whose image is missing, was rejected by prepare or does not decode gets P(dog) = 0.5 and is
 listed in the metrics and the log, never dropped. P(dog) is clipped to [c, 1-c] (c from the validation
@@ -50,17 +52,34 @@ log = logging.getLogger("predict")
 UNREADABLE_P = 0.5  # an image we cannot see: P = 0.5 costs log 2, the least when nothing is known
 
 
-def resolve_clip(setting: str | float, evaluate_metrics: Path) -> float:
-    """predict.clip: a number, or "evaluate" for the clip chosen on the validation set."""
+def resolve_calibration(setting: str | float, evaluate_metrics: Path) -> tuple[float | None, float]:
+    """(temperature or None, clip) from predict.clip: a number is that fixed clip alone; "evaluate" is what
+    evaluate chose on the validation set: its temperature and the clip searched on top of it when the
+    temperature beat the clip alone there, else the clip alone."""
+    temperature = None
     if setting == "evaluate":
         if not evaluate_metrics.exists():
             raise SystemExit(f"{evaluate_metrics} not found: run 'dvc repro evaluate', or set predict.clip to a number")
-        clip = json.loads(evaluate_metrics.read_text())["clip"]
+        chosen = json.loads(evaluate_metrics.read_text())
+        if chosen.get("calibration") == "temperature":
+            temperature, clip = chosen["temperature"], chosen["temperature_clip"]
+        else:
+            clip = chosen["clip"]
     else:
         clip = setting
     if not 0 <= clip < 0.5:
         raise SystemExit(f"clip {clip} is outside [0, 0.5): P(dog) would be clipped to an empty range")
-    return float(clip)
+    if temperature is not None and not temperature > 0:
+        raise SystemExit(f"temperature {temperature} in {evaluate_metrics} is not positive: run 'dvc repro evaluate'")
+    return temperature, float(clip)
+
+
+def scale_temperature(probs: np.ndarray, dog: int, temperature: float) -> np.ndarray:
+    """P(dog) of softmax(logits / T) from the model's softmax output (N, 2): for two classes it depends only on
+    the logit difference, log P(dog) - log P(cat), so the ONNX model's probabilities are enough."""
+    p = np.maximum(probs.astype(np.float64), np.finfo(np.float32).tiny)  # a P that underflowed to 0
+    z = np.log(p[:, dog]) - np.log(p[:, 1 - dog])
+    return 1 / (1 + np.exp(-z / temperature))
 
 
 def rejected_by_prepare(data: Path) -> dict[int, str]:
@@ -97,12 +116,14 @@ def decoded_batches(items: list, load, batch_size: int, pool: ThreadPoolExecutor
         yield batch, [f.result() for f in futures]
 
 
-def run_model(session, meta: dict, x: np.ndarray, tta: bool) -> np.ndarray:
-    """P(dog) for a batch x (N, 3, H, W); with `tta`, the mean over the images and their mirror images."""
+def run_model(session, meta: dict, x: np.ndarray, tta: bool, temperature: float | None = None) -> np.ndarray:
+    """P(dog) for a batch x (N, 3, H, W), temperature-scaled if given; with `tta`, the mean over the images
+    and their mirror images."""
     if tta:
         x = np.concatenate([x, x[..., ::-1]])  # one call: the mirrors fill the same batch
     probs = session.run([meta["output_name"]], {meta["input_name"]: x})[0]  # (N or 2N, 2)
-    p_dog = probs[:, meta["classes"].index("dogs")]
+    dog = meta["classes"].index("dogs")
+    p_dog = probs[:, dog] if temperature is None else scale_temperature(probs, dog, temperature)
     return (p_dog[: len(p_dog) // 2] + p_dog[len(p_dog) // 2 :]) / 2 if tta else p_dog
 
 
@@ -137,13 +158,14 @@ def main(argv=None) -> None:
     p = load_params(PredictParams, "predict", args.params)
     try:
         meta = read_metadata(args.onnx)
-        session, provider, variant = open_model(args.onnx, p.provider, p.variant)
+        session, provider, variant = open_model(args.onnx, p.provider, p.variant, cpu_variant="fp32")
     except ModelError as e:
         raise SystemExit(f"predict failed: {e}") from None
     if meta["layout"] != "NCHW" or "dogs" not in meta["classes"]:
         raise SystemExit(f"{args.onnx}: layout {meta['layout']}, classes {meta['classes']}: expected NCHW with 'dogs'")
     log.info("ONNX Runtime: variant %s on %s (session providers %s)", variant, provider, session.get_providers())
-    clip = resolve_clip(p.clip, args.evaluate)
+    temperature, clip = resolve_calibration(p.clip, args.evaluate)
+    log.info("calibration: %s, clip %.4f", "none" if temperature is None else f"temperature {temperature:.3f}", clip)
     try:
         ids = read_sample_ids(args.data / "sample_submission.csv").tolist()
     except SubmissionError as e:
@@ -174,7 +196,7 @@ def main(argv=None) -> None:
             good = {i: x for i, x in zip(batch, results, strict=True) if not isinstance(x, ImageError)}
             unreadable.update((i, str(x)) for i, x in zip(batch, results, strict=True) if isinstance(x, ImageError))
             if good:
-                probs = run_model(session, meta, np.stack(list(good.values())), p.tta)
+                probs = run_model(session, meta, np.stack(list(good.values())), p.tta, temperature)
                 p_dog.update(zip(good, probs, strict=True))
     seconds = time.perf_counter() - t0
     if len(unreadable) == len(ids):
@@ -199,6 +221,7 @@ def main(argv=None) -> None:
         "variant": variant,
         "images_per_second": round(len(todo) / seconds, 1) if todo else 0.0,
         "tta": p.tta,
+        "temperature": temperature,  # None: the clip alone
         "clip": clip,
         "n_unreadable": len(unreadable),
         "unreadable": [{"id": i, "reason": r} for i, r in sorted(unreadable.items())],

@@ -7,7 +7,9 @@ models/train-checkpoint.pt --live dvclive` (run by `dvc repro train`).
 connected layers) or `all` (conv layers too, at `lr * conv_lr_factor`). AdamW with a one-cycle schedule
 (warm-up, then cosine decay). Runs on CUDA when available (bf16 autocast, channels_last), else CPU.
 
-A checkpoint is written atomically after every epoch. An interrupted run (Ctrl-C, kill) resumes from
+A checkpoint is written atomically after every epoch, holding only what trains (the head's 8,194
+parameters for `head`, not VGG16's 537 MB) with the optimizer, schedule and RNG states; the frozen
+layers are rebuilt from `train.weights` and the seed. An interrupted run (Ctrl-C, kill) resumes from
 it on the next `dvc repro`, if the params and the prepared data are unchanged, and ends with the same
 weights as an uninterrupted run. The final `models/model.pt` holds the weights and everything needed to
 rebuild the model (classes, preprocessing, params), so export, predict and serving need nothing else.
@@ -51,6 +53,7 @@ from pipeline.model import (
     resize_size,
     to_device,
     train_transform,
+    trainable_prefixes,
 )
 
 log = logging.getLogger("train")
@@ -143,6 +146,20 @@ def atomic_save(obj, path: Path) -> None:
     os.replace(tmp, path)  # an interrupted save never leaves a half-written file
 
 
+def trained_state(model: nn.Module, finetune: str) -> dict:
+    """The part of the state dict that training changes; the rest is rebuilt from the weights and the seed."""
+    prefixes = trainable_prefixes(finetune)
+    return {k: v for k, v in model.state_dict().items() if k.startswith(prefixes)}
+
+
+def load_trained_state(model: nn.Module, state: dict, finetune: str) -> None:
+    """Put a checkpoint's `trained_state` back; anything else missing must be a frozen layer."""
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    trained = [k for k in missing if k.startswith(trainable_prefixes(finetune))]
+    if trained or unexpected:
+        raise SystemExit(f"checkpoint does not fit the model: missing {trained}, unexpected {unexpected}")
+
+
 def rng_state(loader: DataLoader) -> dict:
     return {
         "torch": torch.get_rng_state(),
@@ -222,7 +239,7 @@ def main(argv=None) -> None:
     if args.checkpoint.exists():
         ckpt = torch.load(args.checkpoint, map_location=device, weights_only=False)
         if ckpt["run_key"] == key:
-            model.load_state_dict(ckpt["model"])
+            load_trained_state(model, ckpt["model"], p.finetune)
             optimizer.load_state_dict(ckpt["optimizer"])
             scheduler.load_state_dict(ckpt["scheduler"])
             set_rng_state(ckpt["rng"], train_loader)
@@ -255,7 +272,7 @@ def main(argv=None) -> None:
                 {
                     "run_key": key,
                     "epoch": epoch + 1,
-                    "model": model.state_dict(),
+                    "model": trained_state(model, p.finetune),
                     "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(),
                     "rng": rng_state(train_loader),

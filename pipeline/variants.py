@@ -3,8 +3,10 @@
 
 `int8` for CPU: ONNX Runtime static quantization, QDQ format, per-channel weights, activations calibrated
 on `export.calibration_images` validation images. `fp16` for GPU: weights and activations in half
-precision, float32 in and out. Each must match the fp32 model on the whole validation set, accuracy
-within `export.max_accuracy_drop` and log loss within `export.max_log_loss_rise`, else VariantError.
+precision, float32 in and out. Each is scored against the fp32 model on the whole validation set
+(`judge_variant`); one that is worse than the bounds allow is refused: its file is not kept and the
+reason is recorded (`export.strict` makes a refusal fail the stage instead). A speed variant never
+stops the pipeline: int8 kernels differ between CPUs (AVX2, AVX-512 VNNI), fp32 results do not.
 """
 
 from __future__ import annotations
@@ -25,10 +27,6 @@ from pipeline.config import ExportParams
 from pipeline.data import MAX_IR_VERSION, MODEL_FILE, VARIANT_FILES, load_image, make_session, preprocess, read_metadata
 
 log = logging.getLogger("export")
-
-
-class VariantError(RuntimeError):
-    """A variant is worse than the fp32 model by more than the params allow; the message says how."""
 
 
 class CalibrationImages(CalibrationDataReader):
@@ -97,6 +95,7 @@ def score_variants(onnx_dir: Path, variants: list[str], x: np.ndarray, y: np.nda
             [session.run([meta["output_name"]], {meta["input_name"]: x[i : i + 32]})[0] for i in range(0, len(x), 32)]
         ).astype(np.float64)  # (N, 2)
         scores[variant] = {
+            "n": int(len(y)),
             "accuracy": float(np.mean(probs.argmax(1) == y)),
             "log_loss": float(log_loss(y, probs / probs.sum(1, keepdims=True), labels=[0, 1])),
             "bytes": sum(f.stat().st_size for f in onnx_dir.glob(f"{VARIANT_FILES[variant]}*")),  # + .data
@@ -105,21 +104,40 @@ def score_variants(onnx_dir: Path, variants: list[str], x: np.ndarray, y: np.nda
     return scores
 
 
-def check_variants(scores: dict, max_accuracy_drop: float, max_log_loss_rise: float) -> None:
-    """Raise VariantError when a variant is worse than fp32 by more than the bounds."""
+def judge_variant(ref: dict, score: dict, p: ExportParams) -> str | None:
+    """Why a variant scored `score` is refused against fp32's `ref` on the same n validation images, or None.
+
+    Accuracy: at most `max_accuracy_drop` of the images more wrong than fp32, and never fewer than
+    `accuracy_slack_images` images (a 0.2-point bound is less than one image of 300). Log loss: at most
+    `max_log_loss_ratio` times fp32's, a bound that scales with the model (a softmax quantized to int8 read
+    0.418 against 0.152, 2.75x; int8 kernels of two CPUs read 0.141 and 0.164)."""
+    n = score["n"]
+    extra_errors = round((ref["accuracy"] - score["accuracy"]) * n)
+    allowed_errors = max(p.max_accuracy_drop * n, p.accuracy_slack_images)
+    reasons = []
+    if extra_errors > allowed_errors:
+        reasons.append(
+            f"{extra_errors} more of the {n} validation images wrong than fp32 (accuracy {score['accuracy']:.4f} vs "
+            f"{ref['accuracy']:.4f}; allowed: {allowed_errors:g})"
+        )
+    ratio = score["log_loss"] / ref["log_loss"] if ref["log_loss"] > 0 else float("inf")
+    if not ratio <= p.max_log_loss_ratio:  # also NaN
+        reasons.append(
+            f"log loss {score['log_loss']:.4f} is {ratio:.2f}x fp32's {ref['log_loss']:.4f} (allowed: "
+            f"{p.max_log_loss_ratio}x)"
+        )
+    return "; ".join(reasons) or None
+
+
+def judge_variants(scores: dict, p: ExportParams) -> dict:
+    """`scores` with each variant's drop, rise and verdict (passed, reason) added; fp32 always passes."""
     ref = scores["fp32"]
     for variant, s in scores.items():
         s["accuracy_drop"] = ref["accuracy"] - s["accuracy"]
         s["log_loss_rise"] = s["log_loss"] - ref["log_loss"]
-        if variant != "fp32" and (
-            s["accuracy_drop"] > max_accuracy_drop + 1e-12 or s["log_loss_rise"] > max_log_loss_rise
-        ):
-            raise VariantError(
-                f"{variant} is worse than fp32 on the validation set: accuracy {s['accuracy']:.4f} vs "
-                f"{ref['accuracy']:.4f}, log loss {s['log_loss']:.4f} vs {ref['log_loss']:.4f} (bounds "
-                f"{max_accuracy_drop}, {max_log_loss_rise}): calibrate on more images, or drop {variant} "
-                "from export.variants"
-            )
+        s["reason"] = None if variant == "fp32" else judge_variant(ref, s, p)
+        s["passed"] = s["reason"] is None
+    return scores
 
 
 def valid_set(valid: Path, meta: dict, max_pixels: int) -> tuple[np.ndarray, np.ndarray]:
@@ -135,7 +153,8 @@ def valid_set(valid: Path, meta: dict, max_pixels: int) -> tuple[np.ndarray, np.
 
 
 def export_variants(work: Path, p: ExportParams, meta: dict, metadata: dict, valid: Path, max_pixels: int) -> dict:
-    """Write the int8/fp16 variants beside work/model.onnx and check them against it on the validation set."""
+    """Write the int8/fp16 variants beside work/model.onnx and score them against it on the validation set;
+    returns the judged scores (`judge_variants`). The caller removes the refused files."""
     x, y = valid_set(valid, meta, max_pixels)
     if "int8" in p.variants:
         calibration = x[:: max(1, len(x) // p.calibration_images)][: p.calibration_images]  # both classes
@@ -149,5 +168,4 @@ def export_variants(work: Path, p: ExportParams, meta: dict, metadata: dict, val
     scores = score_variants(work, cpu, x, y, "cpu")
     if "fp16" in p.variants:  # on the GPU it is made for, when there is one (ONNX Runtime's CPU runs it too)
         scores.update(score_variants(work, ["fp16"], x, y, "auto"))
-    check_variants(scores, p.max_accuracy_drop, p.max_log_loss_rise)
-    return scores
+    return judge_variants(scores, p)

@@ -127,7 +127,8 @@ class Classifier:
 
     def __init__(self) -> None:
         self.meta = read_metadata(self.model.path)
-        # serve.variant auto: fp16 on CUDA, int8 on CPU, when export wrote them (the store holds all variants)
+        # serve.variant auto: fp16 on CUDA, int8 on CPU (speed), when they passed export's check (the store holds
+        # the variants export kept)
         self.session, self.provider, self.variant = open_model(
             self.model.path, SERVE.provider, SERVE.variant, SERVE.threads
         )

@@ -6,6 +6,9 @@
 import io
 import json
 import logging
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -20,6 +23,7 @@ from pipeline.data import (
     ImageError,
     ModelError,
     auto_variant,
+    gpu_present,
     load_image,
     make_session,
     open_model,
@@ -225,9 +229,9 @@ def test_make_session_reports_the_provider_it_really_got(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="data"):
         session, used = make_session(onnx_dir, "auto")
     assert used == ("cuda" if "CUDAExecutionProvider" in session.get_providers() else "cpu")
-    if used == "cpu":  # onnxruntime-gpu without a usable GPU: the fallback is said, and "cuda" refuses it
-        if "CUDAExecutionProvider" in ort.get_available_providers():
-            assert any("running on CPU" in r.message for r in caplog.records)
+    if used == "cpu":  # a GPU whose CUDA libraries fail: the fallback is said; no GPU: not asked; "cuda" refuses
+        asked = gpu_present() and "CUDAExecutionProvider" in ort.get_available_providers()
+        assert any("running on CPU" in r.message for r in caplog.records) == asked
         with pytest.raises(ModelError, match="set the provider to auto or cpu"):
             make_session(onnx_dir, "cuda")
     else:
@@ -260,6 +264,49 @@ def test_variants_are_opened_by_name_and_auto_picks_int8_on_cpu(tmp_path, caplog
         session, used, variant = open_model(onnx_dir, "auto", threads=1)
     assert (used, variant) == ("cuda", "fp16") if used == "cuda" else (used, variant) == ("cpu", "int8")
     fallbacks = [r for r in caplog.records if "CUDA provider not obtained" in r.message]
-    assert len(fallbacks) == (used == "cpu" and "CUDAExecutionProvider" in ort.get_available_providers())  # once
+    # once, and only where a GPU is present (without one, CUDA is not even asked for)
+    assert len(fallbacks) == (
+        used == "cpu" and gpu_present() and "CUDAExecutionProvider" in ort.get_available_providers()
+    )
     assert session.get_session_options().intra_op_num_threads == 1
     assert open_model(onnx_dir, "cpu", "fp16")[2] == "fp16"  # asked for by name: given, even on CPU
+
+
+@pytest.mark.parametrize(
+    "system, machine, flavour",
+    [
+        ("Linux", "x86_64", "onnxruntime-gpu"),
+        ("Windows", "AMD64", "onnxruntime-gpu"),
+        ("Darwin", "arm64", "onnxruntime"),  # onnxruntime-gpu has no macOS or Linux aarch64 wheels
+        ("Darwin", "x86_64", "onnxruntime"),
+        ("Linux", "aarch64", "onnxruntime"),
+        ("Windows", "ARM64", "onnxruntime"),
+    ],
+)
+def test_exactly_one_onnxruntime_is_declared_for_each_platform(system, machine, flavour):
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    env = {"platform_system": system, "platform_machine": machine, "sys_platform": system.lower()}
+    chosen = [
+        r.name
+        for r in map(Requirement, pyproject["project"]["dependencies"])
+        if r.name.startswith("onnxruntime") and (r.marker is None or r.marker.evaluate(env))
+    ]
+    assert chosen == [flavour]
+
+
+def test_a_cpu_machine_never_asks_for_cuda(tmp_path):
+    """onnxruntime-gpu asked for CUDA without a GPU prints a red 'Failed to load library
+    libonnxruntime_providers_cuda.so'; auto asks only where the driver reports a GPU."""
+    if gpu_present():
+        pytest.skip("a GPU is present: CUDA is asked for, as it should be")
+    onnx_dir = write_tiny_onnx(tmp_path / "onnx")
+    code = f"from pipeline.data import open_model; print(open_model({str(onnx_dir)!r}, 'auto')[1:])"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert done.stdout.strip() == "('cpu', 'fp32')"
+    assert "cuda" not in done.stderr.lower(), done.stderr  # no CUDA library was even tried
+    with pytest.raises(ModelError, match="the NVIDIA driver reports no GPU"):
+        make_session(onnx_dir, "cuda")

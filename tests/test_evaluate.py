@@ -60,3 +60,19 @@ def test_evaluate_reports_the_required_keys():
     assert metrics["log_loss_clipped"] <= metrics["log_loss_lesson_clip"]
     assert sum(map(sum, metrics["confusion_matrix"])) == 200
     assert len(curve) == 201 and curve[0][0] == 0.0
+    assert metrics["clip_at_max"] is False
+    # calibration: the temperature (with a clip searched on top) only when it beats the clip alone
+    assert metrics["calibration"] == ("temperature" if metrics["temperature_beats_clip"] else "clip")
+    assert metrics["temperature_beats_clip"] == (metrics["log_loss_temperature_clipped"] < metrics["log_loss_clipped"])
+
+
+def test_a_clip_search_that_ends_at_clip_max_is_flagged_and_the_temperature_picked():
+    y = np.array([0, 1] * 50)
+    # hopelessly over-confident: a fifth of the images wrong at P = 1 - 1e-9
+    margin = np.where(np.arange(100) % 5 == 0, -20.0, 20.0) * np.where(y == 1, 1, -1)
+    logits = np.stack([np.zeros(100), margin], 1)
+    params = EvaluateParams(8, 0, 0.05, clip_max=0.05, clip_step=0.001, temperature_scaling=True, show_images=4)
+    metrics, _ = evaluate(softmax(logits), logits, y, params)
+    assert metrics["clip"] == pytest.approx(0.05) and metrics["clip_at_max"] is True
+    assert metrics["temperature"] > 5 and metrics["calibration"] == "temperature"
+    assert metrics["log_loss_temperature_clipped"] < metrics["log_loss_clipped"]

@@ -115,6 +115,20 @@ def test_local_source_that_is_not_the_competition(tmp_path):
         fetch_into(tmp_path, params(str(tmp_path / "nope")))
 
 
+def test_a_source_inside_the_stage_output_is_refused_with_where_to_put_it(tmp_path):
+    inside = fetch_into(tmp_path, params("demo"))  # data/raw/<competition>.zip: DVC would delete it first
+    before = inside.read_bytes()
+    for source in (inside, inside.parent, tmp_path / "data" / "raw" / ".." / "raw" / "gone.zip"):
+        with pytest.raises(FetchError, match=r"inside .*raw/, this stage's own output.* Put the zip in downloads/"):
+            fetch_into(tmp_path, params(str(source)))
+    assert inside.read_bytes() == before  # refused before anything was touched
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    home = downloads / f"{COMP}.zip"
+    home.write_bytes(before)
+    assert fetch_into(tmp_path, params(str(home))).read_bytes() == before  # its documented home works
+
+
 def test_failed_fetch_keeps_the_previous_output(tmp_path):
     good = fetch_into(tmp_path, params("demo"))
     before = good.read_bytes()
@@ -178,6 +192,7 @@ def test_kaggle_without_credentials_says_how_to_set_them(kaggle_home, tmp_path, 
         fetch_into(tmp_path, params("kaggle"))
     msg = str(e.value)
     assert "KAGGLE_API_TOKEN" in msg and "~/.kaggle/access_token" in msg and "kaggle.json" in msg
+    assert f"make repro ZIP=downloads/{COMP}.zip" in msg and "set fetch.source: demo" not in msg  # no circle
     assert not (tmp_path / "data" / "raw").exists()
 
 

@@ -3,12 +3,15 @@
 import csv
 import json
 import re
+import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.conftest import BIN, dvc, make_project, tool_env
+from pipeline.data import open_model
+from tests.conftest import BIN, ROOT, dvc, make_project, tool_env
 
 pytestmark = pytest.mark.slow
 
@@ -116,16 +119,20 @@ def test_dvc_repro_predict_makes_a_scored_submission(tmp_path):
             "evaluate.workers": 0,
             "evaluate.show_images": 4,
             "export.parity_images": 4,
+            "export.max_log_loss_ratio": -1.0,  # forces int8 to be refused
             "predict.batch_size": 5,
             "predict.workers": 2,
         },
     )
     log = dvc(project, "repro", "predict")
     assert "Running stage 'export'" in log and "Running stage 'predict'" in log
+    # int8 forced to fail its check (whether it passes depends on the CPU's int8 kernels): the pipeline goes on
     names = sorted(p.name for p in (project / "models" / "onnx").iterdir())
-    assert names == ["model.int8.onnx", "model.onnx", "model.onnx.data"]  # the demo's variants: fp32, int8
+    assert names == ["model.onnx", "model.onnx.data", "variants.json"]  # fp32 only: the refused int8 not kept
     exported = json.loads((project / "metrics" / "export.json").read_text())
-    assert exported["max_abs_diff"] <= 1e-4 and exported["ir_version"] <= 13
+    assert exported["max_abs_diff"] <= 1e-4 and exported["ir_version"] <= 13 and exported["refused"] == ["int8"]
+    assert "allowed: -1.0x" in exported["variants"]["int8"]["reason"]
+    assert re.search(r"export kept fp32 and refused int8 \(log loss .*\), so predict and the service use fp32", log)
 
     with open(project / "data" / "prepared" / "sample_submission.csv") as f:
         expected = sorted(int(r["id"]) for r in csv.DictReader(f))
@@ -134,16 +141,22 @@ def test_dvc_repro_predict_makes_a_scored_submission(tmp_path):
         assert reader.fieldnames == ["id", "label"]
         rows = list(reader)
     assert [int(r["id"]) for r in rows] == expected == list(range(1, 13))
-    clip = json.loads((project / "metrics" / "evaluate.json").read_text())["clip"]
+    chosen = json.loads((project / "metrics" / "evaluate.json").read_text())
+    clip = chosen["temperature_clip" if chosen["calibration"] == "temperature" else "clip"]
     assert all(clip - 1e-12 <= float(r["label"]) <= 1 - clip + 1e-12 for r in rows)
     metrics = json.loads((project / "metrics" / "predict.json").read_text())
     assert metrics["n"] == 12 and metrics["clip"] == clip and metrics["unreadable"] == []
+    assert metrics["variant"] == "fp32"
     assert 0 <= metrics["accuracy"] <= 1 and metrics["log_loss"] > 0  # scored against the demo's test labels
     assert "up to date" in dvc(project, "repro", "predict")
 
     # the rest of `make demo`: the package stage into a BentoML store, then the served model's smoke check
     env = {"BENTOML_HOME": str(tmp_path / "bentoml"), "DOGSCATS_PARAMS": str(project / "params.yaml")}
     assert "Running stage 'package'" in dvc(project, "repro", env=env)
+    record = json.loads((project / "models" / "bentoml-model.json").read_text())
+    stored = Path(record["store"]) / Path(*record["tag"].split(":"))
+    assert sorted(p.name for p in stored.iterdir() if p.suffix != ".yaml") == names  # the service's copy: fp32
+    assert open_model(stored, "auto")[2] == "fp32"  # what the service's auto (int8 on CPU) falls back to
     photo = sorted((project / "data" / "prepared" / "valid" / "dogs").iterdir())[0]
     done = subprocess.run(
         [str(BIN / "python"), "-m", "serving.smoke", str(photo)],
@@ -156,3 +169,50 @@ def test_dvc_repro_predict_makes_a_scored_submission(tmp_path):
     assert done.returncode == 0, done.stdout + done.stderr
     assert re.search(r'POST /classify \S+ -> 200 \{"label": "(cat|dog)", "p_dog": ', done.stdout), done.stdout
     assert "service stopped (exit code 0)" in done.stdout
+
+
+def make(project: Path, *args: str, env: dict) -> subprocess.CompletedProcess:
+    """The project's Makefile with this venv (not reinstalled: -o marks it up to date)."""
+    venv = BIN.parent
+    cmd = ["make", "--no-print-directory", f"VENV={venv}", "-o", f"{venv}/.installed", *args]
+    return subprocess.run(cmd, cwd=project, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_a_failed_make_repro_puts_params_back_and_the_demo_runs_again(tmp_path):
+    tiny = {"fetch.demo.train_per_class": 16, "fetch.demo.test_count": 4, "prepare.valid_per_class": 4}
+    project = make_project(tmp_path / "project", {**tiny, "prepare.sample_train_per_class": 2})
+    for name in ("Makefile", "pyproject.toml"):
+        shutil.copy2(ROOT / name, project / name)
+    subprocess.run(["git", "add", "-A"], cwd=project, check=True)
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "p"], cwd=project, check=True)
+    before = (project / "params.yaml").read_bytes()
+    home = tmp_path / "home"  # no Kaggle credentials anywhere
+    env = {k: v for k, v in tool_env().items() if not k.startswith("KAGGLE_")}
+    env.update(HOME=str(home), KAGGLE_CONFIG_DIR=str(home / ".kaggle"))
+
+    # the Kaggle API without credentials: fetch fails, params.yaml comes back, the demo runs with no manual step
+    done = make(project, "repro", env=env)
+    assert done.returncode != 0 and "No Kaggle credentials found" in done.stderr, done.stdout + done.stderr
+    assert "params.yaml is back as it was before" in done.stderr
+    assert (project / "params.yaml").read_bytes() == before
+    assert "Running stage 'prepare'" in dvc(project, "repro", "prepare")  # fetch made the demo data again
+    raw = project / "data" / "raw" / "dogs-vs-cats-redux-kernels-edition.zip"
+    zip_before = raw.read_bytes()
+
+    # a browser zip inside data/raw/ (the fetch stage's output) is refused before DVC could delete it
+    done = make(project, "repro", f"ZIP={raw}", env=env)
+    assert done.returncode == 2 and "is inside data/raw/" in done.stderr and "move it to downloads/" in done.stderr
+    assert raw.read_bytes() == zip_before and (project / "params.yaml").read_bytes() == before
+
+    # ... from downloads/: the real recipe runs on it (no Kaggle call), here until prepare, which needs 1,000
+    # validation images per class; params.yaml comes back again
+    (project / "downloads").mkdir()
+    shutil.copy(raw, project / "downloads" / raw.name)
+    done = make(project, "repro", f"ZIP=downloads/{raw.name}", env=env)
+    assert done.returncode != 0, done.stdout + done.stderr
+    assert f"source={project / 'downloads' / raw.name} wrote" in done.stderr, done.stderr
+    assert "prepare.valid_per_class=1000 leaves too few for training" in done.stderr
+    assert "Kaggle credentials" not in done.stderr and (project / "params.yaml").read_bytes() == before
+    dvc(project, "repro", "prepare")  # back to the demo data (rerun, or restored from DVC's run cache)
+    assert raw.read_bytes() == zip_before and (project / "data" / "raw" / "demo_test_labels.csv").is_file()

@@ -10,12 +10,13 @@ import numpy as np
 import onnxruntime as ort
 import pandas as pd
 import pytest
+import torch
 import yaml
 from PIL import Image
 
 from pipeline import predict
 from pipeline.data import SubmissionError, make_session, read_metadata, validate_submission
-from pipeline.predict import decoded_batches, run_model
+from pipeline.predict import decoded_batches, run_model, scale_temperature
 from tests.conftest import ROOT
 from tests.test_data import write_tiny_onnx
 
@@ -105,6 +106,24 @@ def test_clip_from_the_evaluate_metrics(project):
     assert set(df["label"]) == {0.03, 0.5, 0.97}
 
 
+def test_temperature_from_the_evaluate_metrics_when_it_beat_the_clip(project):
+    chosen = {"clip": 0.03, "calibration": "temperature", "temperature": 1000.0, "temperature_clip": 0.01}
+    (project / "metrics" / "evaluate.json").write_text(json.dumps(chosen))
+    _, df, metrics = run_predict(project, clip="evaluate")
+    assert metrics["temperature"] == 1000.0 and metrics["clip"] == 0.01
+    assert df["label"].between(0.49, 0.51).all()  # T = 1000 flattens every P(dog) to ~0.5
+    dogs, cats = df[df["id"].isin(DOGS)]["label"], df[~df["id"].isin(DOGS)]["label"]
+    assert dogs.min() > 0.5 > cats[cats != 0.5].max()  # ... keeping the order
+
+
+def test_scale_temperature_is_softmax_of_the_scaled_logits():
+    logits = np.array([[2.0, -3.0], [0.0, 0.0], [-40.0, 45.0], [1.0, 1.5]])
+    for t in (0.5, 1.0, 2.7):
+        expected = torch.softmax(torch.from_numpy(logits / t), 1)[:, 1].numpy()
+        probs = torch.softmax(torch.from_numpy(logits), 1).numpy().astype(np.float32)  # what the ONNX model gives
+        np.testing.assert_allclose(scale_temperature(probs, 1, t), expected, rtol=1e-5, atol=1e-7)
+
+
 def test_without_labels_nothing_is_scored(project, caplog):
     with caplog.at_level(logging.INFO, logger="predict"):
         _, df, metrics = run_predict(project, labels="no-such-labels.csv")
@@ -180,8 +199,8 @@ def test_the_variant_param_picks_the_model_file(project):
     int8 = write_tiny_onnx(project / "int8", image_size=16, gain=-4.0) / "model.onnx"  # cats and dogs swapped
     (onnx_dir / "model.int8.onnx").write_bytes(int8.read_bytes())
     _, df, metrics = run_predict(project)
-    assert metrics["variant"] == "int8" and metrics["accuracy"] < 0.5  # auto on CPU: the int8 file ran
-    _, df, metrics = run_predict(project, variant="fp32")
-    assert metrics["variant"] == "fp32" and metrics["accuracy"] > 0.5
+    assert metrics["variant"] == "fp32" and metrics["accuracy"] > 0.5  # auto on CPU: fp32, never int8
+    _, df, metrics = run_predict(project, variant="int8")
+    assert metrics["variant"] == "int8" and metrics["accuracy"] < 0.5  # by name: the int8 file ran
     with pytest.raises(SystemExit, match="add fp16 to export.variants"):
         run_predict(project, variant="fp16")
