@@ -153,7 +153,7 @@ class EvaluateParams:
     lesson_clip: float  # the lesson's fixed clip, reported beside the searched one
     clip_max: float  # the clip search tries 0 .. clip_max
     clip_step: float  # ... in steps of this
-    temperature_scaling: bool  # also fit a temperature on validation and report it
+    temperature_scaling: bool  # also fit a temperature (+ clip); predict applies it when it beats the clip alone
     show_images: int  # images in each diagnostic grid (top losses, most uncertain)
 
 
@@ -166,7 +166,8 @@ class ExportParams:
     calibration_images: int  # validation images that range the int8 activations
     max_accuracy_drop: float  # a variant may get this fraction of the validation images more wrong than fp32 ...
     accuracy_slack_images: int  # ... and never fewer than this many images (one of 300 is 0.33 points)
-    max_log_loss_ratio: float  # a variant's validation log loss may be at most this many times fp32's
+    max_log_loss_ratio: float  # a variant's validation log loss may be at most this many times fp32's ...
+    log_loss_slack: float  # ... or this much above it, whichever is larger
     strict: bool  # a refused variant fails the stage (false: it is not kept, recorded, and fp32 serves instead)
     keep_failed: bool  # a failed export keeps its temporary folder (models/.onnx.tmp, ~600 MB) to inspect
 

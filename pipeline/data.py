@@ -186,7 +186,8 @@ def missing_variant_error(onnx_dir: str | os.PathLike, variant: str) -> ModelErr
     if verdict is not None and not verdict["passed"]:
         return ModelError(
             f"{variant} was refused by export's check, so {path.name} was not kept: {verdict['reason']}. "
-            "Use variant fp32 or auto, or change the export bounds and run 'dvc repro export'"
+            "Use variant fp32 or auto, or change the export bounds and run 'dvc repro export' (and 'dvc repro "
+            "package' for the service)"
         )
     hint = "" if variant == "fp32" else f" (add {variant} to export.variants)"
     return ModelError(f"{path} not found: run 'dvc repro export' first{hint}")

@@ -165,39 +165,43 @@ def main(argv=None) -> None:
 
     def fail(message: str) -> SystemExit:
         """End the stage with `args.out` untouched; the temporary folder (~600 MB for VGG16) goes unless kept."""
-        if p.keep_failed:
-            return SystemExit(f"export failed its check, {args.out} is unchanged ({work} kept to inspect): {message}")
-        shutil.rmtree(work, ignore_errors=True)
-        return SystemExit(
-            f"export failed its check, {args.out} is unchanged (set export.keep_failed: true to keep {work} "
-            f"to inspect): {message}"
-        )
+        kept = f"{work} kept to inspect" if p.keep_failed else f"set export.keep_failed: true to keep {work} to inspect"
+        return SystemExit(f"export failed its check, {args.out} is unchanged ({kept}): {message}")
 
     t0 = time.perf_counter()
     metadata = onnx_metadata(meta)
-    ir_version = export_onnx(model, meta["image_size"], work, metadata, p.opset)
-    seconds = time.perf_counter() - t0
-    try:
-        diff = check_export(work, model, images, metadata, p.tolerance)
-    except (ExportError, ModelError, onnx.checker.ValidationError) as e:
-        raise fail(str(e)) from None
-    scores, variant_seconds = {}, 0.0
-    if set(p.variants) - {"fp32"}:
-        t1 = time.perf_counter()
+    scores, variant_seconds, finished = {}, 0.0, False
+    try:  # whatever stops the export (an uncaught error, a full disk, Ctrl-C), its temporary folder goes unless kept
+        ir_version = export_onnx(model, meta["image_size"], work, metadata, p.opset)
+        seconds = time.perf_counter() - t0
         try:
-            scores = export_variants(work, p, meta, metadata, args.data / "valid", max_pixels)
-        except ModelError as e:
+            diff = check_export(work, model, images, metadata, p.tolerance)
+        except (ExportError, ModelError, onnx.checker.ValidationError) as e:
             raise fail(str(e)) from None
-        variant_seconds = time.perf_counter() - t1
-        refused = {v: s["reason"] for v, s in scores.items() if not s["passed"]}
-        if refused and p.strict:
-            raise fail("; ".join(f"{v} is worse than fp32 on the validation set: {r}" for v, r in refused.items()))
-        for variant in refused:
-            (work / VARIANT_FILES[variant]).unlink()  # auto never picks it; asked for by name, the record says why
-        (work / VARIANTS_RECORD).write_text(json.dumps(scores, indent=2, sort_keys=True) + "\n")
-    if args.out.exists():
-        shutil.rmtree(args.out)
-    work.rename(args.out)  # the checked folder appears at once
+        if set(p.variants) - {"fp32"}:
+            t1 = time.perf_counter()
+            try:
+                scores = export_variants(work, p, meta, metadata, args.data / "valid", max_pixels)
+            except ModelError as e:
+                raise fail(str(e)) from None
+            variant_seconds = time.perf_counter() - t1
+            refused = {v: s["reason"] for v, s in scores.items() if not s["passed"]}
+            if refused and p.strict:
+                why = "; ".join(f"{v} is worse than fp32 on the validation set: {r}" for v, r in refused.items())
+                raise fail(
+                    f"{why}. Set export.strict: false to go on with fp32 in its place, widen the bounds, or drop "
+                    "it from export.variants"
+                )
+            for variant in refused:
+                (work / VARIANT_FILES[variant]).unlink()  # auto never picks it; by name, the record says why
+            (work / VARIANTS_RECORD).write_text(json.dumps(scores, indent=2, sort_keys=True) + "\n")
+        if args.out.exists():
+            shutil.rmtree(args.out)
+        work.rename(args.out)  # the checked folder appears at once
+        finished = True
+    finally:
+        if not finished and not p.keep_failed:
+            shutil.rmtree(work, ignore_errors=True)
 
     size = sum(f.stat().st_size for f in args.out.glob(f"{MODEL_FILE}*"))  # the fp32 model + its .data
     metrics = {

@@ -8,11 +8,11 @@ ONNX Runtime runs on CUDA when the session really gets it (onnxruntime-gpu falls
 raising, so `session.get_providers()` decides) and on CPU otherwise; `predict.variant` picks the model
 file (auto: fp16 on CUDA when it passed export's check, else fp32: never int8 on CPU, whose results depend
 on the CPU's int8 kernels, so the submission is the same file on every CPU); the log and the metrics say
-which. Threads decode
-and resize the JPEGs a few batches ahead of the model. `sample_submission.csv` is the authority on the
-ids: an id whose image is missing, was rejected by prepare or does not decode gets P(dog) = 0.5 and is
-listed in the metrics and the log, never dropped. P(dog) is clipped to [c, 1-c] (c from the validation
-set, or fixed), and the file is validated against the sample before it is written, atomically. With the
+which. Threads decode and resize the JPEGs a few batches ahead of the model. `sample_submission.csv` is
+the authority on the ids: an id whose image is missing, was rejected by prepare or does not decode gets
+P(dog) = 0.5 and is listed in the metrics and the log, never dropped. P(dog) is calibrated as `evaluate`
+chose on the validation set (a temperature when it beat the clip alone there, then a clip to [c, 1-c]),
+or clipped at a fixed c, and the file is validated against the sample before it is written, atomically. With the
 demo's hidden labels the submission is scored (log loss, accuracy), so the whole chain, ids included, is
 checked end to end.
 """

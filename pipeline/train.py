@@ -137,6 +137,10 @@ def run_key(p: TrainParams, data: Path) -> str:
     """What a checkpoint must match to be resumed: the params and the prepared data's manifest."""
     h = hashlib.sha256(json.dumps(dataclasses.asdict(p), sort_keys=True).encode())
     h.update((data / "manifest.csv").read_bytes())
+    weights = Path(p.weights).expanduser()
+    if p.weights not in ("imagenet", "none") and weights.is_file():  # frozen layers are rebuilt from it on resume
+        stat = weights.stat()
+        h.update(f"{stat.st_size}:{stat.st_mtime_ns}".encode())
     return h.hexdigest()[:16]
 
 

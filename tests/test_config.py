@@ -56,3 +56,22 @@ def test_missing_section(tmp_path):
     p.write_text("fetch: {}\n")
     with pytest.raises(ConfigError, match="section 'prepare' is missing"):
         load_params(PrepareParams, "prepare", p)
+
+
+def test_set_params_keeps_comments_and_refuses_unknown_keys_and_wrong_types(tmp_path):
+    from pipeline.setparams import set_params
+
+    path = tmp_path / "params.yaml"
+    path.write_text((ROOT / "params.yaml").read_text())
+    assert set_params(path, ["fetch.source=kaggle", "train.lr=0.001", "train.epochs=40"]) == [
+        "fetch.source",
+        "train.lr",
+    ]  # epochs was 40 already
+    text = path.read_text()
+    assert "source: kaggle" in text and "lr: 0.001" in text and "# One section per stage" in text
+    assert set_params(path, ["fetch.source=demo", "train.lr=0.01"]) == ["fetch.source", "train.lr"]
+    assert path.read_text() == (ROOT / "params.yaml").read_text()  # back to the same bytes
+    with pytest.raises(SystemExit, match="has no key train.nope"):
+        set_params(path, ["train.nope=1"])
+    with pytest.raises(ConfigError, match="train.epochs: expected int"):
+        set_params(path, ["train.epochs=many"])

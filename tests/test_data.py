@@ -278,7 +278,6 @@ def test_variants_are_opened_by_name_and_auto_picks_int8_on_cpu(tmp_path, caplog
         ("Linux", "x86_64", "onnxruntime-gpu"),
         ("Windows", "AMD64", "onnxruntime-gpu"),
         ("Darwin", "arm64", "onnxruntime"),  # onnxruntime-gpu has no macOS or Linux aarch64 wheels
-        ("Darwin", "x86_64", "onnxruntime"),
         ("Linux", "aarch64", "onnxruntime"),
         ("Windows", "ARM64", "onnxruntime"),
     ],

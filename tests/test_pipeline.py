@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from pipeline.data import open_model
-from tests.conftest import BIN, ROOT, dvc, make_project, tool_env
+from tests.conftest import BIN, ROOT, dvc, make_project, run, tool_env
 
 pytestmark = pytest.mark.slow
 
@@ -120,6 +120,7 @@ def test_dvc_repro_predict_makes_a_scored_submission(tmp_path):
             "evaluate.show_images": 4,
             "export.parity_images": 4,
             "export.max_log_loss_ratio": -1.0,  # forces int8 to be refused
+            "export.log_loss_slack": -1.0,
             "predict.batch_size": 5,
             "predict.workers": 2,
         },
@@ -131,7 +132,7 @@ def test_dvc_repro_predict_makes_a_scored_submission(tmp_path):
     assert names == ["model.onnx", "model.onnx.data", "variants.json"]  # fp32 only: the refused int8 not kept
     exported = json.loads((project / "metrics" / "export.json").read_text())
     assert exported["max_abs_diff"] <= 1e-4 and exported["ir_version"] <= 13 and exported["refused"] == ["int8"]
-    assert "allowed: -1.0x" in exported["variants"]["int8"]["reason"]
+    assert "the larger of -1.0x and +-1.0" in exported["variants"]["int8"]["reason"]
     assert re.search(r"export kept fp32 and refused int8 \(log loss .*\), so predict and the service use fp32", log)
 
     with open(project / "data" / "prepared" / "sample_submission.csv") as f:
@@ -211,8 +212,33 @@ def test_a_failed_make_repro_puts_params_back_and_the_demo_runs_again(tmp_path):
     shutil.copy(raw, project / "downloads" / raw.name)
     done = make(project, "repro", f"ZIP=downloads/{raw.name}", env=env)
     assert done.returncode != 0, done.stdout + done.stderr
-    assert f"source={project / 'downloads' / raw.name} wrote" in done.stderr, done.stderr
+    assert f"source=downloads/{raw.name} wrote" in done.stderr, done.stderr  # relative: params.yaml stays portable
     assert "prepare.valid_per_class=1000 leaves too few for training" in done.stderr
     assert "Kaggle credentials" not in done.stderr and (project / "params.yaml").read_bytes() == before
     dvc(project, "repro", "prepare")  # back to the demo data (rerun, or restored from DVC's run cache)
     assert raw.read_bytes() == zip_before and (project / "data" / "raw" / "demo_test_labels.csv").is_file()
+
+    # after a successful real run params.yaml holds its values, and a later failed `make repro` puts those back:
+    # `make demo` puts the demo's values of the keys make repro overrides back itself (here the tiny project's)
+    real = [f"fetch.source=downloads/{raw.name}", "prepare.valid_per_class=1000", "train.lr=0.001"]
+    run("-m", "pipeline.setparams", str(project / "params.yaml"), *real)
+    assert "source: downloads/" in (project / "params.yaml").read_text()
+    tiny_demo_values = "DEMO_PARAMS=fetch.source=demo prepare.valid_per_class=4 train.lr=0.01"
+    done = make(project, "-n", "demo", tiny_demo_values, env=env)  # the commands make demo runs
+    reset = next(line for line in done.stdout.splitlines() if "pipeline.setparams" in line)
+    subprocess.run(reset, shell=True, cwd=project, env=env, check=True)
+    assert (project / "params.yaml").read_bytes() == before  # comments and layout kept
+    subprocess.run(reset, shell=True, cwd=project, env=env, check=True)  # demo values already: nothing changes
+    assert (project / "params.yaml").read_bytes() == before
+
+
+def test_make_demo_resets_exactly_the_keys_make_repro_overrides_to_the_committed_demo_values():
+    makefile = (ROOT / "Makefile").read_text()
+    values = lambda name: re.search(rf"{name} = (.*?\n(?:\t.*\n)*)", makefile)[1].replace("\\", " ").split()  # noqa: E731
+    demo = dict(a.split("=", 1) for a in values("DEMO_PARAMS"))
+    kaggle = re.findall(r"([a-z_]+\.[a-z_]+)=", " ".join(values("KAGGLE_PARAMS")))
+    assert sorted(demo) == sorted(kaggle) and "fetch.source" in kaggle
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for key, value in demo.items():
+        section, name = key.split(".")
+        assert params[section][name] == yaml.safe_load(value), key
