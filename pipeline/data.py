@@ -274,8 +274,11 @@ def read_sample_ids(path: Path) -> np.ndarray:
     """The ids Kaggle expects, from sample_submission.csv (`id,label`)."""
     if not path.exists():
         raise SubmissionError(f"{path} not found: run 'dvc repro prepare' first")
-    sample = pd.read_csv(path)
-    if list(sample.columns) != ["id", "label"] or not pd.api.types.is_integer_dtype(sample["id"]):
+    try:
+        sample = pd.read_csv(path)
+    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as e:
+        raise SubmissionError(f"{path} is not a CSV file ({e.__class__.__name__}: {e})") from e
+    if list(sample.columns) != ["id", "label"] or not pd.api.types.is_integer_dtype(sample["id"]) or sample.empty:
         raise SubmissionError(f"{path} is not Kaggle's sample submission (integer id, label): run 'dvc repro prepare'")
     return sample["id"].to_numpy()
 

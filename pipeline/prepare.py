@@ -11,10 +11,14 @@
     data/prepared/manifest.csv              path,id,label,split: one row per image
     data/prepared/sample_submission.csv     Kaggle's list of the ids a submission must have
 
-Zip members with absolute paths or `..` are refused (zip slip) before anything is extracted. Every
+Zip members with absolute paths or `..` are refused (zip slip) before anything is extracted, and so are
+zip bombs: a member larger than it could be, too compressed, or a total too large (`SIZE_LIMITS`, from
+the zip's own headers, which `zipfile` holds the data to); a member name or an image id given twice
+(`cat.1.jpg` and `cat.01.jpg` are the same id) and a `sample_submission.csv` that is not Kaggle's are
+errors that say so. Every
 image is decoded once in worker processes; one that fails is moved aside, never crashes the run. The
 same zip and params give byte-identical outputs. Everything is built in a temporary folder and renamed
-into place, so an interrupted run leaves no half-prepared data.
+into place, so an interrupted run leaves no half-prepared data; a failed run removes it.
 """
 
 from __future__ import annotations
@@ -36,12 +40,19 @@ from PIL import Image
 from tqdm import tqdm
 
 from pipeline.config import PrepareParams, load_params
-from pipeline.data import atomic_write_text
+from pipeline.data import SubmissionError, atomic_write_text, read_sample_ids
 
 log = logging.getLogger("prepare")
 TRAIN_NAME = re.compile(r"^train/(cat|dog)\.(\d+)\.jpg$")
 TEST_NAME = re.compile(r"^test/(\d+)\.jpg$")
 CLASS_DIR = {"cat": "cats", "dog": "dogs"}
+# zip-bomb limits, checked on the headers before extracting (Kaggle's zip: train.zip 543 MB, test.zip 271 MB,
+# photos under 1 MB, JPEGs barely compress): (largest member, largest compression ratio, largest total)
+SIZE_LIMITS = {
+    "competition zip": (4 << 30, 100, 8 << 30),
+    "inner zip": (64 << 20, 100, 8 << 30),
+}
+RATIO_FROM = 1 << 20  # members smaller than this may compress as much as they like (a CSV of ids does)
 
 
 class PrepareError(RuntimeError):
@@ -56,6 +67,27 @@ def check_member_names(zf: zipfile.ZipFile, where: str) -> None:
             raise PrepareError(f"{where}: unsafe member name {name!r} (absolute or '..'): refusing to extract")
 
 
+def check_sizes(zf: zipfile.ZipFile, where: str, kind: str) -> None:
+    """Refuse a zip bomb before extracting: any member over the size or compression-ratio limit of `kind`,
+    or more than the total. `zipfile` never yields more bytes than a member's header declares."""
+    max_member, max_ratio, max_total = SIZE_LIMITS[kind]
+    total = 0
+    for info in zf.infolist():
+        total += info.file_size
+        ratio = info.file_size / max(1, info.compress_size)
+        if info.file_size > max_member or (info.file_size > RATIO_FROM and ratio > max_ratio):
+            raise PrepareError(
+                f"{where}: member {info.filename!r} unpacks to {info.file_size / 2**20:.0f} MiB ({ratio:.0f}x its "
+                f"compressed size; limits {max_member / 2**20:.0f} MiB, {max_ratio}x): a zip bomb or not the "
+                "competition's data, refusing to extract. Download the zip again"
+            )
+    if total > max_total:
+        raise PrepareError(
+            f"{where}: unpacks to {total / 2**30:.1f} GiB, over the {max_total / 2**30:.0f} GiB limit: refusing to "
+            "extract. Download the zip again"
+        )
+
+
 def is_junk(name: str) -> bool:
     """Folder entries and the metadata some zip tools add (__MACOSX/, .DS_Store)."""
     return name.endswith("/") or name.startswith("__MACOSX/") or PurePosixPath(name).name.startswith(".")
@@ -64,15 +96,23 @@ def is_junk(name: str) -> bool:
 def extract_images(zip_path: Path, pattern: re.Pattern, dest: Path) -> list[tuple[str, re.Match]]:
     """Extract the members of an inner zip that match `pattern` into flat folder `dest`."""
     dest.mkdir(parents=True)
-    found = []
+    found, seen = [], {}
     with zipfile.ZipFile(zip_path) as zf:
         check_member_names(zf, zip_path.name)
+        check_sizes(zf, zip_path.name, "inner zip")
         for info in zf.infolist():
             if is_junk(info.filename):
                 continue
             match = pattern.match(info.filename)
             if match is None:
                 raise PrepareError(f"{zip_path.name}: unexpected member {info.filename!r} (not Kaggle's naming)")
+            key = tuple(int(g) if g.isdigit() else g for g in match.groups())  # cat.01 and cat.1: one id
+            if key in seen:
+                raise PrepareError(
+                    f"{zip_path.name}: {info.filename!r} and {seen[key]!r} are the same image id: the zip is "
+                    "damaged or two downloads were merged. Download it again"
+                )
+            seen[key] = info.filename
             name = PurePosixPath(info.filename).name
             with zf.open(info) as src, open(dest / name, "wb") as dst:
                 shutil.copyfileobj(src, dst, 1 << 20)
@@ -125,15 +165,33 @@ def prepare(zip_path: Path, out: Path, params: PrepareParams) -> dict:
     work = out.parent / f".{out.name}.tmp"
     if work.exists():
         shutil.rmtree(work)
+    try:
+        metrics = prepare_into(zip_path, work, params)
+    except BaseException:  # whatever stopped it: no half-prepared folder is left behind
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    if out.exists():
+        shutil.rmtree(out)
+    work.rename(out)
+    return metrics
+
+
+def prepare_into(zip_path: Path, work: Path, params: PrepareParams) -> dict:
+    """Build the prepared folder in `work`; returns the metrics."""
     stage = work / ".extract"
     stage.mkdir(parents=True)
     with zipfile.ZipFile(zip_path) as zf:
         check_member_names(zf, zip_path.name)
+        check_sizes(zf, zip_path.name, "competition zip")
         for member in ("train.zip", "test.zip", "sample_submission.csv"):
             if member not in zf.namelist():
                 raise PrepareError(f"{zip_path} lacks {member}: run 'dvc repro fetch' again")
             with zf.open(member) as src, open(stage / member, "wb") as dst:
                 shutil.copyfileobj(src, dst, 1 << 20)
+    try:
+        read_sample_ids(stage / "sample_submission.csv")
+    except SubmissionError as e:
+        raise PrepareError(f"{zip_path}: {e}. Download the competition zip again") from None
     train = extract_images(stage / "train.zip", TRAIN_NAME, stage / "train")
     test = extract_images(stage / "test.zip", TEST_NAME, stage / "test")
 
@@ -191,9 +249,6 @@ def prepare(zip_path: Path, out: Path, params: PrepareParams) -> dict:
         csv.writer(f, lineterminator="\n").writerows([("path", "id", "label", "split"), *rows])
     with open(work / "rejected.csv", "w", newline="") as f:
         csv.writer(f, lineterminator="\n").writerows([("path", "reason"), *sorted(rejected)])
-    if out.exists():
-        shutil.rmtree(out)
-    work.rename(out)
 
     counts: dict[str, dict[str, int]] = {}
     for _, _, label, split in rows:

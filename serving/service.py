@@ -28,6 +28,7 @@ import aiohttp
 import bentoml
 import numpy as np
 from starlette.applications import Starlette
+from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse
@@ -60,8 +61,9 @@ def error(status: HTTPStatus, message: str) -> JSONResponse:
 
 class UploadGuard:
     """ASGI middleware in front of the upload endpoints: a body over the byte limit gets 413 before it is
-    spooled, and a form with fields other than the endpoint's gets 400. (BentoML itself answers 500 to a
-    file in an undeclared field: it json-decodes the file's bytes before the API code runs.)"""
+    spooled, and a form with fields other than the endpoint's, or text where the photo belongs, gets 400.
+    (BentoML itself answers 500 to a file in an undeclared field: it json-decodes the file's bytes before
+    the API code runs; and it takes a text value in a file field for a URL to download.)"""
 
     def __init__(self, app, max_body: dict[str, int]):
         self.app, self.max_body = app, max_body
@@ -98,7 +100,13 @@ class UploadGuard:
             except MultiPartException as e:
                 return await error(HTTPStatus.BAD_REQUEST, f"malformed multipart body: {e}")(scope, receive, send)
             unexpected = sorted(set(form.keys()) - {UPLOAD_FIELDS[path]})
+            # a text value where a photo belongs: BentoML would take it for a URL to download (a server-side
+            # request forgery), so it never gets past here
+            texts = [v for v in form.getlist(UPLOAD_FIELDS[path]) if not isinstance(v, UploadFile)]
             await form.close()
+            if texts:
+                msg = f"field '{UPLOAD_FIELDS[path]}' holds text, not a file: upload the photo itself (multipart file)"
+                return await error(HTTPStatus.BAD_REQUEST, msg)(scope, receive, send)
             if unexpected:
                 msg = (
                     f"unexpected field(s) {', '.join(unexpected)}: send the photo in the field '{UPLOAD_FIELDS[path]}'"

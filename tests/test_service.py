@@ -190,6 +190,20 @@ def test_wrong_field_no_body_and_bad_batch_get_400(served):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("endpoint, field", [("classify", "image"), ("classify_batch", "images")])
+def test_a_url_as_text_in_the_photo_field_gets_400_and_no_request_goes_out(served, endpoint, field):
+    with socket.socket() as listener:  # where the URL points: nothing may connect to it
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        listener.settimeout(1.0)
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}/x.jpg"
+        r = post(served, {field: (None, url)}, endpoint)  # no filename: a text field
+        assert r.status_code == 400 and f"field '{field}' holds text, not a file" in r.json()["error"]
+        with pytest.raises(TimeoutError):
+            listener.accept()
+
+
+@pytest.mark.slow
 def test_odd_formats_are_classified_over_http(served):
     base = photo()
     for fmt, img, kw in [
