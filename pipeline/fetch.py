@@ -29,6 +29,7 @@ from pipeline.demo import write_demo_zip
 
 log = logging.getLogger("fetch")
 MEMBERS = ("sample_submission.csv", "test.zip", "train.zip")
+DOWNLOADS = "downloads"  # the browser zip's home, relative to the project root (a dependency in dvc.yaml)
 
 
 class FetchError(RuntimeError):
@@ -155,7 +156,14 @@ def fetch(params: FetchParams, zip_path: Path, labels_path: Path) -> None:
         elif params.source == "demo":
             write_demo_zip(tmp / zip_path.name, tmp / labels_path.name, params.demo)
         else:
-            copy_local(Path(params.source).expanduser(), tmp / zip_path.name)
+            source = Path(params.source).expanduser()
+            if not source.resolve().is_relative_to(Path(DOWNLOADS).resolve()):
+                log.warning(
+                    "%s is outside %s/, so DVC does not track it: if its content changes, 'dvc repro' will not "
+                    "notice. Keep the zip in %s/ (a dependency of this stage)",
+                    source, DOWNLOADS, DOWNLOADS,
+                )  # fmt: skip
+            copy_local(source, tmp / zip_path.name)
         check_competition_zip(tmp / zip_path.name)
         if out.exists():
             shutil.rmtree(out)

@@ -158,6 +158,8 @@ def make_project(dest: Path, params_update: dict) -> Path:
         shutil.copytree(ROOT / name, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("dvc.yaml", ".gitignore", ".dvcignore"):
         shutil.copy(ROOT / name, dest / name)
+    (dest / "downloads").mkdir()  # a dependency of fetch: the browser zip's home
+    shutil.copy(ROOT / "downloads" / ".gitignore", dest / "downloads" / ".gitignore")
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     for dotted, value in params_update.items():
         node = params

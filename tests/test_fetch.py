@@ -6,6 +6,7 @@ The Kaggle tests run the real kaggle client; only `requests.Session.send` (the n
 import csv
 import hashlib
 import io
+import logging
 import re
 import zipfile
 from pathlib import Path
@@ -89,10 +90,12 @@ def competition_zip(tmp_path: Path) -> Path:
     return fetch_into(tmp_path / "src", params("demo"))
 
 
-def test_local_zip_source(tmp_path):
+def test_local_zip_source(tmp_path, caplog):
     src = competition_zip(tmp_path)
-    out = fetch_into(tmp_path / "dst", params(str(src)))
+    with caplog.at_level(logging.WARNING, logger="fetch"):
+        out = fetch_into(tmp_path / "dst", params(str(src)))
     assert out.read_bytes() == src.read_bytes()
+    assert "is outside downloads/, so DVC does not track it" in caplog.text  # keep it in downloads/
 
 
 def test_local_folder_source(tmp_path):

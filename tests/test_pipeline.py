@@ -11,7 +11,8 @@ import pytest
 import yaml
 
 from pipeline.data import open_model
-from tests.conftest import BIN, ROOT, dvc, make_project, run, tool_env
+from pipeline.demo import write_demo_zip
+from tests.conftest import BIN, ROOT, dvc, make_project, run, tiny_demo, tool_env
 
 pytestmark = pytest.mark.slow
 
@@ -242,3 +243,18 @@ def test_make_demo_resets_exactly_the_keys_make_repro_overrides_to_the_committed
     for key, value in demo.items():
         section, name = key.split(".")
         assert params[section][name] == yaml.safe_load(value), key
+
+
+@pytest.mark.slow
+def test_replacing_the_zip_in_downloads_reruns_fetch(tmp_path):
+    project = make_project(tmp_path / "project", {"fetch.source": "downloads/c.zip"})
+    zip_path = project / "downloads" / "c.zip"
+    write_demo_zip(zip_path, tmp_path / "labels.csv", tiny_demo(seed=1))
+    log = dvc(project, "repro", "fetch")
+    assert "Running stage 'fetch'" in log and "DVC does not track" not in log
+    assert "changed" not in dvc(project, "status", "fetch")
+    write_demo_zip(zip_path, tmp_path / "labels.csv", tiny_demo(seed=2))  # the same path, new content
+    assert "changed deps" in dvc(project, "status", "fetch")
+    assert "Running stage 'fetch'" in dvc(project, "repro", "fetch")
+    raw = project / "data" / "raw" / "dogs-vs-cats-redux-kernels-edition.zip"
+    assert raw.read_bytes() == zip_path.read_bytes()
