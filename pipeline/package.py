@@ -91,7 +91,13 @@ def main(argv=None) -> None:
         "weights": train.weights,
         "finetune": train.finetune,
     }
-    model = import_model(args.onnx, p.model_name, model_metadata(args.onnx, args.metrics, train), labels)
+    try:
+        model = import_model(args.onnx, p.model_name, model_metadata(args.onnx, args.metrics, train), labels)
+    except OSError as e:  # BENTOML_HOME cannot be created or written
+        raise SystemExit(
+            f"package failed: cannot write the BentoML model store ({e.__class__.__name__}: {e}). Set BENTOML_HOME "
+            "to a folder you can write (default ~/bentoml), then run 'dvc repro package' again"
+        ) from None
     store = str(Path(model.path).parents[1])
     atomic_write_text(args.out, json.dumps({"tag": str(model.tag), "store": store}, indent=2) + "\n")
     log.info("imported %s into %s ('bentoml models list' shows it)", model.tag, store)

@@ -27,6 +27,7 @@ from pathlib import Path
 import aiohttp
 import bentoml
 import numpy as np
+from bentoml.exceptions import NotFound
 from starlette.applications import Starlette
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException
@@ -41,7 +42,15 @@ log = logging.getLogger("bentoml.dogs_vs_cats")  # under "bentoml": BentoML's lo
 
 PARAMS_FILE = os.environ.get("DOGSCATS_PARAMS", str(Path(__file__).resolve().parents[1] / "params.yaml"))
 SERVE = load_params(ServeParams, "serve", PARAMS_FILE)  # read at import: the decorators below need it
-MODEL = bentoml.models.BentoModel(f"{load_params(PackageParams, 'package', PARAMS_FILE).model_name}:latest")
+MODEL_NAME = load_params(PackageParams, "package", PARAMS_FILE).model_name
+try:  # BentoML's own message for an empty store talks of a cloud context: say what to run instead
+    bentoml.models.get(f"{MODEL_NAME}:latest")
+except NotFound:
+    raise SystemExit(
+        f"no model '{MODEL_NAME}' in the BentoML store ({os.environ.get('BENTOML_HOME', '~/bentoml')}): run "
+        "'dvc repro package' (or 'make demo') first, with the same BENTOML_HOME"
+    ) from None
+MODEL = bentoml.models.BentoModel(f"{MODEL_NAME}:latest")
 
 
 UPLOAD_FIELDS = {"/classify": "image", "/classify_batch": "images"}  # endpoint -> its multipart field

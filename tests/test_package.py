@@ -1,0 +1,31 @@
+"""The package stage and the service's start against a missing or unwritable BentoML store."""
+
+import subprocess
+
+import pytest
+
+from tests.conftest import BIN, ROOT, tool_env
+from tests.test_data import write_tiny_onnx
+
+
+@pytest.mark.slow
+def test_an_unwritable_store_is_a_message_not_a_traceback(tmp_path):
+    onnx_dir = write_tiny_onnx(tmp_path / "onnx")
+    (tmp_path / "metrics").mkdir()
+    env = {**tool_env(), "BENTOML_HOME": "/proc/no-such-folder/bentoml"}  # cannot be created, even by root
+    cmd = ["-m", "pipeline.package", "--onnx", str(onnx_dir), "--metrics", str(tmp_path / "metrics")]
+    cmd += ["--out", str(tmp_path / "record.json")]
+    done = subprocess.run([str(BIN / "python"), *cmd], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert "package failed: cannot write the BentoML model store" in done.stderr and "BENTOML_HOME" in done.stderr
+    assert not (tmp_path / "record.json").exists()
+
+
+@pytest.mark.slow
+def test_the_service_on_an_empty_store_says_to_run_the_package_stage(tmp_path):
+    env = {**tool_env(), "BENTOML_HOME": str(tmp_path / "empty-store")}
+    cmd = [str(BIN / "bentoml"), "serve", "serving.service:DogsVsCats", "--host", "127.0.0.1", "--port", "0"]
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert "no model 'dogs-vs-cats' in the BentoML store" in done.stdout + done.stderr
+    assert "run 'dvc repro package'" in done.stdout + done.stderr
