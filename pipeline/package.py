@@ -28,10 +28,10 @@ log = logging.getLogger("package")
 METRIC_FILES = ("evaluate", "export")
 
 
-def content_version(onnx_dir: Path) -> str:
-    """A hash of every file of the ONNX folder: the same model, the same version."""
+def content_version(onnx_dir: Path, names: list[str] | None = None) -> str:
+    """A hash of every file of the ONNX folder (or of those `names` in it): the same model, the same version."""
     h = hashlib.sha256()
-    for path in sorted(onnx_dir.iterdir()):
+    for path in sorted(onnx_dir.iterdir()) if names is None else [onnx_dir / n for n in sorted(names)]:
         h.update(path.name.encode())
         with open(path, "rb") as f:
             while chunk := f.read(1 << 24):
@@ -59,18 +59,41 @@ def model_metadata(onnx_dir: Path, metrics_dir: Path, train: TrainParams) -> dic
     return meta
 
 
+def is_complete(model: bentoml.Model, version: str) -> bool:
+    """Whether the stored copy holds every file of the import, byte for byte (its version is their hash)."""
+    names = list(model.info.metadata.get("files", {}))
+    if not names or not all((Path(model.path) / n).is_file() for n in names):
+        return False
+    return content_version(Path(model.path), names) == version
+
+
 def import_model(onnx_dir: Path, name: str, metadata: dict, labels: dict) -> bentoml.Model:
-    """Copy the ONNX folder into the store as `name:<content hash>`, replacing an earlier import of it."""
-    tag = f"{name}:{content_version(onnx_dir)}"
+    """Copy the ONNX folder into the store as `name:<content hash>`. A complete copy already there is kept
+    (nothing deleted); an incomplete one (a killed import: BentoML copies its staging folder into the store
+    file by file) is replaced. The new copy is checked before the stage succeeds."""
+    version = content_version(onnx_dir)
+    tag = f"{name}:{version}"
     try:
-        bentoml.models.delete(tag)
-        log.info("replacing %s", tag)
+        existing = bentoml.models.get(tag)
     except NotFound:
-        pass
-    with bentoml.models.create(tag, labels=labels, metadata=metadata) as model:
+        existing = None
+    if existing is not None and is_complete(existing, version):
+        log.info("%s is in the store already, complete", tag)
+        return existing
+    if existing is not None and "files" not in existing.info.metadata:
+        log.info("replacing %s (imported by an earlier version of this stage, without its file list)", tag)
+        bentoml.models.delete(tag)
+    elif existing is not None:
+        log.warning("replacing an incomplete copy of %s (an import was interrupted)", tag)
+        bentoml.models.delete(tag)
+    files = {path.name: path.stat().st_size for path in sorted(onnx_dir.iterdir())}
+    with bentoml.models.create(tag, labels=labels, metadata={**metadata, "files": files}) as model:
         for path in sorted(onnx_dir.iterdir()):  # model.onnx, its external data model.onnx.data, the variants
             shutil.copyfile(path, Path(model.path) / path.name)
-    return bentoml.models.get(tag)  # as stored (inside `create` the path is a temporary folder)
+    stored = bentoml.models.get(tag)  # as stored (inside `create` the path is a temporary folder)
+    if not is_complete(stored, version):
+        raise SystemExit(f"package failed: the copy of {tag} in the store differs from {onnx_dir}: run it again")
+    return stored
 
 
 def main(argv=None) -> None:

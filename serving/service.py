@@ -44,12 +44,24 @@ PARAMS_FILE = os.environ.get("DOGSCATS_PARAMS", str(Path(__file__).resolve().par
 SERVE = load_params(ServeParams, "serve", PARAMS_FILE)  # read at import: the decorators below need it
 MODEL_NAME = load_params(PackageParams, "package", PARAMS_FILE).model_name
 try:  # BentoML's own message for an empty store talks of a cloud context: say what to run instead
-    bentoml.models.get(f"{MODEL_NAME}:latest")
+    STORED = bentoml.models.get(f"{MODEL_NAME}:latest")
 except NotFound:
     raise SystemExit(
         f"no model '{MODEL_NAME}' in the BentoML store ({os.environ.get('BENTOML_HOME', '~/bentoml')}): run "
         "'dvc repro package' (or 'make demo') first, with the same BENTOML_HOME"
     ) from None
+# a killed `package` can leave a model with part of its files: refuse it here, in every process, so the server
+# exits with this message instead of restarting a model worker that cannot load it
+_short = {
+    name: size
+    for name, size in STORED.info.metadata.get("files", {}).items()
+    if not (Path(STORED.path) / name).is_file() or (Path(STORED.path) / name).stat().st_size != size
+}
+if _short:
+    raise SystemExit(
+        f"model {STORED.tag} in the BentoML store is incomplete (files missing or short: {', '.join(_short)}), as an "
+        "interrupted 'dvc repro package' leaves it: run 'dvc repro package' again"
+    )
 MODEL = bentoml.models.BentoModel(f"{MODEL_NAME}:latest")
 
 

@@ -1,6 +1,8 @@
 """The package stage and the service's start against a missing or unwritable BentoML store."""
 
+import json
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -29,3 +31,28 @@ def test_the_service_on_an_empty_store_says_to_run_the_package_stage(tmp_path):
     assert done.returncode != 0
     assert "no model 'dogs-vs-cats' in the BentoML store" in done.stdout + done.stderr
     assert "run 'dvc repro package'" in done.stdout + done.stderr
+
+
+@pytest.mark.slow
+def test_an_interrupted_import_is_refused_by_the_service_and_replaced_by_the_next_package(tmp_path):
+    onnx_dir = write_tiny_onnx(tmp_path / "onnx")
+    (tmp_path / "metrics").mkdir()
+    env = {**tool_env(), "BENTOML_HOME": str(tmp_path / "store")}
+    cmd = [str(BIN / "python"), "-m", "pipeline.package", "--onnx", str(onnx_dir)]
+    cmd += ["--metrics", str(tmp_path / "metrics"), "--out", str(tmp_path / "record.json")]
+    package = lambda: subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)  # noqa: E731
+    assert package().returncode == 0
+    record = json.loads((tmp_path / "record.json").read_text())
+    stored = Path(record["store"]) / Path(*record["tag"].split(":")) / "model.onnx"
+    whole = stored.read_bytes()
+    stored.write_bytes(whole[: len(whole) // 3])  # what a package killed while BentoML copied it leaves
+
+    serve = [str(BIN / "bentoml"), "serve", "serving.service:DogsVsCats", "--host", "127.0.0.1", "--port", "0"]
+    done = subprocess.run(serve, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0 and "is incomplete (files missing or short: model.onnx)" in done.stdout + done.stderr
+
+    again = package()
+    assert again.returncode == 0 and "replacing an incomplete copy" in again.stderr, again.stderr
+    assert stored.read_bytes() == whole
+    third = package()
+    assert third.returncode == 0 and "in the store already, complete" in third.stderr  # nothing deleted
