@@ -209,8 +209,7 @@ def test_a_failed_make_repro_puts_params_back_and_the_demo_runs_again(tmp_path):
 
     # ... from downloads/: the real recipe runs on it (no Kaggle call), here until prepare, which needs 1,000
     # validation images per class; params.yaml comes back again
-    (project / "downloads").mkdir()
-    shutil.copy(raw, project / "downloads" / raw.name)
+    shutil.copy(raw, project / "downloads" / raw.name)  # make_project made the folder, as a clone has it
     done = make(project, "repro", f"ZIP=downloads/{raw.name}", env=env)
     assert done.returncode != 0, done.stdout + done.stderr
     assert f"source=downloads/{raw.name} wrote" in done.stderr, done.stderr  # relative: params.yaml stays portable
