@@ -19,19 +19,26 @@ def read_manifest(out: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def rebuild(src: Path, dest: Path, train: dict | None = None, test: dict | None = None) -> Path:
-    """A copy of competition zip `src` whose inner zips get members added or replaced."""
+def rebuild(
+    src: Path, dest: Path, train: dict | None = None, test: dict | None = None, again=(), sample: bytes | None = None
+) -> Path:
+    """A copy of competition zip `src` whose inner zips get members added or replaced (deflated, as Kaggle's),
+    `again` (inner zip, name, bytes) members added once more under a name that may be there already, and
+    `sample` as its sample_submission.csv."""
     with zipfile.ZipFile(src) as zf:
         members = {n: zf.read(n) for n in zf.namelist()}
+    if sample is not None:
+        members["sample_submission.csv"] = sample
     for name, changes in (("train.zip", train), ("test.zip", test)):
-        if not changes:
+        repeats = [(n, data) for inner, n, data in again if inner == name]
+        if not changes and not repeats:
             continue
         with zipfile.ZipFile(io.BytesIO(members[name])) as zf:
             files = {n: zf.read(n) for n in zf.namelist()}
-        files.update(changes)
+        files.update(changes or {})
         buf = io.BytesIO()
-        with zipfile.ZipFile(buf, "w") as zf:
-            for n, data in files.items():
+        with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+            for n, data in [*files.items(), *repeats]:
                 zf.writestr(n, data)
         members[name] = buf.getvalue()
     with zipfile.ZipFile(dest, "w") as zf:
@@ -158,43 +165,22 @@ def test_unexpected_member_is_an_error(demo_zip, tmp_path):
         prepare(bad, tmp_path / "prepared", tiny_prepare())
 
 
-def with_members(src: Path, dest: Path, inner: str, extra: list[tuple[str, bytes]]) -> Path:
-    """A copy of competition zip `src` whose inner zip `inner` gets `extra` members added, compressed (names may
-    repeat), or, for inner "sample_submission.csv", whose sample submission is replaced by extra[0]'s bytes."""
-    with zipfile.ZipFile(src) as zf:
-        members = {n: zf.read(n) for n in zf.namelist()}
-    if inner == "sample_submission.csv":
-        members[inner] = extra[0][1]
-    else:
-        buf = io.BytesIO()
-        with zipfile.ZipFile(io.BytesIO(members[inner])) as old, zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
-            for n in old.namelist():
-                zf.writestr(n, old.read(n))
-            for n, data in extra:
-                zf.writestr(n, data)
-        members[inner] = buf.getvalue()
-    with zipfile.ZipFile(dest, "w") as zf:
-        for n, data in members.items():
-            zf.writestr(n, data)
-    return dest
-
-
 @pytest.mark.parametrize(
-    "inner, extra, message",
+    "changes, message",
     [
-        ("test.zip", [("test/999.jpg", bytes(65 << 20))], r"test.zip: member 'test/999.jpg' unpacks to 65 MiB"),
-        ("train.zip", [("train/cat.999.jpg", bytes(2 << 20))], r"\(\d+x its compressed size; limits 64 MiB, 100x\)"),
-        ("train.zip", [("train/cat.01.jpg", b"x")], r"'train/cat.01.jpg' and 'train/cat.1.jpg' are the same image id"),
-        ("test.zip", [("test/1.jpg", b"x")], r"'test/1.jpg' and 'test/1.jpg' are the same image id"),
-        ("sample_submission.csv", [("", b"")], r"sample_submission.csv is not a CSV file \(EmptyDataError"),
-        ("sample_submission.csv", [("", bytes(range(256)) * 4)], r"sample_submission.csv is not"),
-        ("sample_submission.csv", [("", b"id,label\n")], r"is not Kaggle's sample submission"),
+        ({"test": {"test/999.jpg": bytes(65 << 20)}}, r"test.zip: member 'test/999.jpg' unpacks to 65 MiB"),
+        ({"train": {"train/cat.999.jpg": bytes(2 << 20)}}, r"\(\d+x its compressed size; limits 64 MiB, 100x\)"),
+        ({"train": {"train/cat.01.jpg": b"x"}}, r"'train/cat.01.jpg' and 'train/cat.1.jpg' are the same image id"),
+        ({"again": [("test.zip", "test/1.jpg", b"x")]}, r"'test/1.jpg' and 'test/1.jpg' are the same image id"),
+        ({"sample": b""}, r"sample_submission.csv is not a CSV file \(EmptyDataError"),
+        ({"sample": bytes(range(256)) * 4}, r"sample_submission.csv is not"),
+        ({"sample": b"id,label\n"}, r"is not Kaggle's sample submission"),
     ],
 )
-def test_zip_bombs_duplicate_ids_and_bad_sample_submissions_are_refused(demo_zip, tmp_path, inner, extra, message):
+def test_zip_bombs_duplicate_ids_and_bad_sample_submissions_are_refused(demo_zip, tmp_path, changes, message):
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # zipfile's "Duplicate name": the point of two cases
-        bad = with_members(demo_zip, tmp_path / "bad.zip", inner, extra)
+        warnings.simplefilter("ignore", UserWarning)  # zipfile's "Duplicate name": the point of one case
+        bad = rebuild(demo_zip, tmp_path / "bad.zip", **changes)
     out = tmp_path / "work" / "prepared"
     out.parent.mkdir()
     with pytest.raises(PrepareError, match=message):
