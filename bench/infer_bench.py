@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))  # run as a script from the project root
 
 from pipeline.data import atomic_write_text, make_session  # noqa: E402
 from pipeline.export import export_onnx, onnx_metadata  # noqa: E402
-from pipeline.model import CLASSES, MEAN, STD, build_model, resize_size  # noqa: E402
+from pipeline.model import CLASSES, build_model, preprocessing  # noqa: E402
 from pipeline.variants import convert_fp16, quantize_int8  # noqa: E402
 
 BATCHES = (1, 8, 32)
@@ -58,7 +58,7 @@ def timed(runs: dict, x: np.ndarray, rounds: int) -> dict[str, tuple[float, floa
 def export_variants(model: torch.nn.Module, size: int, dest: Path, fp16: bool) -> None:
     """dest/model.onnx (+ .data), model.int8.onnx (and model.fp16.onnx), as the export stage writes them."""
     meta = {
-        "classes": CLASSES, "image_size": size, "resize_size": resize_size(size), "mean": MEAN, "std": STD,
+        "classes": CLASSES, **preprocessing("vgg16", size),
         "weights": "none", "params": {}, "run_key": "bench",
     }  # fmt: skip
     metadata = onnx_metadata(meta)
@@ -85,7 +85,7 @@ def main(argv=None) -> None:
     rounds = args.rounds or (10 if cuda else 3)
     torch.manual_seed(0)
     torch.backends.cudnn.benchmark = True  # fixed shapes: cuDNN picks its fastest kernels at the warm-up call
-    model = build_model("none").eval()
+    model = build_model("vgg16", "none").eval()
     rng = np.random.default_rng(1)
     inputs = {b: rng.normal(size=(b, 3, args.image_size, args.image_size)).astype(np.float32) for b in batches}
     runs = {}  # name -> run(x)

@@ -39,8 +39,15 @@ sys.path.insert(0, str(ROOT))  # run as a script from the project root
 from pipeline.config import DemoParams  # noqa: E402
 from pipeline.data import atomic_write_text  # noqa: E402
 from pipeline.demo import make_image  # noqa: E402
-from pipeline.features import frozen_part  # noqa: E402
-from pipeline.model import autocast, build_model, eval_transform, param_groups, to_device  # noqa: E402
+from pipeline.model import (  # noqa: E402
+    autocast,
+    build_model,
+    eval_transform,
+    frozen_part,
+    param_groups,
+    preprocessing,
+    to_device,
+)
 from pipeline.train import ArrayDataset, set_train_mode, train_one_epoch  # noqa: E402
 
 
@@ -66,8 +73,8 @@ def train_step(finetune: str, size: int, device: torch.device):
     """step(batch) -> batch: one train_one_epoch step of a synthetic batch of that many images, the backbone
     frozen or not. The batch's tensors are kept while its size stays the same (timing), remade when it
     changes (the largest-batch search)."""
-    model = build_model("none").to(device, memory_format=torch.channels_last)
-    opt = torch.optim.AdamW(param_groups(model, finetune, 1e-4, 0.1), lr=1e-4)
+    model = build_model("vgg16", "none").to(device, memory_format=torch.channels_last)
+    opt = torch.optim.AdamW(param_groups(model, "vgg16", finetune, 1e-4, 0.1), lr=1e-4)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
     data: list = []
 
@@ -106,7 +113,7 @@ def largest_batch(step, start: int, limit: int) -> int:
 
 def head_cached_img_s(bs: int, device, n: int = 8192) -> float:
     """Images/s of one epoch of the head on memory-mapped fc7 activations, via the pipeline's loader."""
-    model = build_model("none").to(device)
+    model = build_model("vgg16", "none").to(device)
     head = model.classifier[6]
     opt = torch.optim.AdamW(head.parameters(), lr=1e-3)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
@@ -126,7 +133,7 @@ def head_cached_img_s(bs: int, device, n: int = 8192) -> float:
 
 @torch.no_grad()
 def features_img_s(bs: int, size: int, device, seconds: float, warmup: int) -> float:
-    trunk = frozen_part(build_model("none").to(device, memory_format=torch.channels_last), "head")
+    trunk = frozen_part(build_model("vgg16", "none").to(device, memory_format=torch.channels_last), "vgg16", "head")
     x = torch.randn(bs, 3, size, size)
 
     def step() -> int:
@@ -154,7 +161,7 @@ def loader_img_s(root: Path, bs: int, size: int, workers: int, seconds: float) -
     """Images/s of JPEG decoding + preprocessing through a DataLoader of `workers` processes. Drawn with
     replacement, so one iterator runs the whole window however few images there are next to the batch:
     no epoch restarts, which would drain the workers' prefetched batches and under-read a GPU box."""
-    ds = ImageFolder(root, transform=eval_transform(size))
+    ds = ImageFolder(root, transform=eval_transform(preprocessing("vgg16", size)))
     sampler = RandomSampler(ds, replacement=True, num_samples=1 << 30)
     it, done = iter(DataLoader(ds, batch_size=bs, sampler=sampler, num_workers=workers)), 0
     next(it)  # warm-up: workers started

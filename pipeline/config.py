@@ -123,14 +123,18 @@ def _convert(tp, value, where: str):
 
 @dataclass(frozen=True)
 class TrainParams:
-    weights: str  # imagenet | none (random init: the offline demo) | path to a VGG16 state dict
-    finetune: Literal["head", "dense", "all"]  # what trains: the new layer, all FC layers, everything
-    image_size: int  # side of the centre crop fed to the network (torchvision's: 224)
+    arch: str  # torchvision or timm model name (vgg16, resnet34, timm/convnext_tiny, efficientnet_lite0, ...)
+    weights: str  # imagenet | none (random init: the offline demo) | path to a state dict for the arch
+    finetune: Literal["head", "dense", "all"]  # what trains: the new layer, the arch's dense block, everything
+    image_size: int  # side of the centre crop fed to the network; 0 = the weights' own (224, lite1: 240, ...)
     augment: bool  # random resized crop + horizontal flip on training images
-    epochs: int  # passes over the training images (or their cached activations)
+    head_epochs: int  # fastai's fine_tune: with finetune all, first this many epochs train only the head
+    head_lr: float  # ... at this peak lr (on cached activations when feature_cache)
+    epochs: int  # passes over the training images (or their cached activations) with `finetune`
     batch_size: int  # images per optimiser step (CUDA: the largest that fits)
-    lr: float  # peak learning rate of the one-cycle schedule (FC layers)
-    conv_lr_factor: float  # finetune: all -> conv layers train at lr * this (discriminative lrs)
+    lr: float  # peak learning rate of the one-cycle schedule (head, or the dense block)
+    body_lr_factor: float  # finetune: all -> the pretrained body trains at lr * this (discriminative lrs)
+    keep: Literal["best", "last"]  # the epoch whose weights are kept: lowest validation log loss, or the last
     weight_decay: float  # AdamW decoupled weight decay
     warmup: float  # fraction of the steps spent warming up to the peak lr
     seed: int  # same seed on CPU -> same weights
@@ -138,6 +142,13 @@ class TrainParams:
     device: Literal["auto", "cpu", "cuda"]  # auto: CUDA when available, else CPU
     feature_cache: bool  # head/dense without augment: train on the frozen layers' cached activations
     compile: bool  # torch.compile the network (CUDA: worth it for long runs; minutes of warm-up)
+
+
+@dataclass(frozen=True)
+class LrFindParams:
+    steps: int  # mini-batches in the sweep (fewer when the loss blows up first)
+    start_lr: float  # the sweep's first learning rate ...
+    end_lr: float  # ... and its last, growing exponentially in between
 
 
 @dataclass(frozen=True)

@@ -45,6 +45,8 @@ METADATA_TYPES = {
     "classes": json.loads,
     "image_size": int,
     "resize_size": int,
+    "interpolation": str,
+    "arch": str,
     "layout": str,
     "mean": json.loads,
     "std": json.loads,
@@ -109,19 +111,27 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+RESAMPLE = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}  # the weights' interpolation -> Pillow's
+
+
 def preprocess(
-    img: Image.Image, image_size: int, resize_size: int, mean: tuple[float, ...], std: tuple[float, ...]
+    img: Image.Image,
+    image_size: int,
+    resize_size: int,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    interpolation: str = "bilinear",
 ) -> np.ndarray:
     """`eval_transform` without torch: resize the short side to `resize_size`, centre-crop `image_size`,
     scale to [0, 1] and normalise. Returns float32 (3, image_size, image_size)."""
     # torchvision's v2.Resize on a PIL image: short side = size, long side = int(size * long / short),
-    # then Pillow's bilinear resize (antialiased when shrinking), with Pillow's defaults
+    # then Pillow's resize (antialiased when shrinking) with the weights' filter, with Pillow's defaults
     w, h = img.size
     short, long = min(w, h), max(w, h)
     new_short, new_long = resize_size, int(resize_size * long / short)
     new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
     if (new_w, new_h) != (w, h):
-        img = img.resize((new_w, new_h), Image.BILINEAR, reducing_gap=None)
+        img = img.resize((new_w, new_h), RESAMPLE[interpolation], reducing_gap=None)
     if min(new_w, new_h) < image_size:
         raise ValueError(f"resize_size {resize_size} is smaller than image_size {image_size}")
     # torchvision's CenterCrop rounds the offsets
@@ -130,6 +140,11 @@ def preprocess(
     x = np.asarray(img, dtype=np.float32) / np.float32(255)  # (H, W, 3)
     x = (x - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
     return np.ascontiguousarray(x.transpose(2, 0, 1))  # (3, H, W)
+
+
+def preprocess_as(img: Image.Image, meta: dict) -> np.ndarray:
+    """`preprocess` with the model's own settings (the ONNX metadata `read_metadata` returns)."""
+    return preprocess(img, meta["image_size"], meta["resize_size"], meta["mean"], meta["std"], meta["interpolation"])
 
 
 def atomic_write_text(path: Path, text: str) -> None:

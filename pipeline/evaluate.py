@@ -9,7 +9,9 @@ confident mistake without bound, so submissions clip P(dog) to [c, 1-c]. The les
 here c is searched on the validation set over a fine grid, and both are reported; a search that ends
 at `clip_max` is flagged (the curve was still falling: raise clip_max). Optionally a temperature is fitted
 on validation too (then a clip searched on top of it); `calibration` says which of the two `predict`
-applies: the temperature when it beats the clip alone on validation, else the clip.
+applies: the temperature when it beats the clip alone on validation, else the clip. The validation
+predictions are made as `predict` makes the test set's: the model's own preprocessing and, with `predict.tta`,
+the mean of the image's and its mirror's logits, so what is fitted here is what the submission gets.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from sklearn.metrics import log_loss as sk_log_loss
 from torch.utils.data import DataLoader
 from torchvision.datasets import ImageFolder
 
-from pipeline.config import EvaluateParams, load_params
+from pipeline.config import EvaluateParams, PredictParams, load_params
 from pipeline.data import atomic_write_text
 from pipeline.model import eval_transform, load_model, pick_device, predict_logits
 
@@ -134,11 +136,13 @@ def main(argv=None) -> None:
         model, meta = load_model(args.model, device)
     except FileNotFoundError as e:
         raise SystemExit(str(e)) from None
-    ds = ImageFolder(args.data / "valid", transform=eval_transform(meta["image_size"]))
+    tta = load_params(PredictParams, "predict", args.params).tta  # fit the calibration on what predict makes
+    ds = ImageFolder(args.data / "valid", transform=eval_transform(meta))
     loader = DataLoader(ds, batch_size=p.batch_size, num_workers=p.workers)
-    logits, y = predict_logits(model, loader, device)
+    logits, y = predict_logits(model, loader, device, tta=tta)
     probs = softmax(logits)
     metrics, curve = evaluate(probs, logits, y, p)
+    metrics["tta"] = tta
 
     # plots: per-image predictions (DVC's confusion plot), the clip curve, and the lesson's image grids
     names = [meta["classes"][i].rstrip("s") for i in range(len(meta["classes"]))]

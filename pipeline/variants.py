@@ -24,7 +24,15 @@ from onnxruntime.transformers.float16 import convert_float_to_float16
 from sklearn.metrics import log_loss
 
 from pipeline.config import ExportParams
-from pipeline.data import MAX_IR_VERSION, MODEL_FILE, VARIANT_FILES, load_image, make_session, preprocess, read_metadata
+from pipeline.data import (
+    MAX_IR_VERSION,
+    MODEL_FILE,
+    VARIANT_FILES,
+    load_image,
+    make_session,
+    preprocess_as,
+    read_metadata,
+)
 
 log = logging.getLogger("export")
 
@@ -149,12 +157,7 @@ def judge_variants(scores: dict, p: ExportParams) -> dict:
 def valid_set(valid: Path, meta: dict, max_pixels: int) -> tuple[np.ndarray, np.ndarray]:
     """Every validation image preprocessed (N, 3, H, W) and its label (index into the classes)."""
     paths = sorted(valid.glob("*/*.jpg"))
-    x = np.stack(
-        [
-            preprocess(load_image(path, max_pixels), meta["image_size"], meta["resize_size"], meta["mean"], meta["std"])
-            for path in paths
-        ]
-    )
+    x = np.stack([preprocess_as(load_image(path, max_pixels), meta) for path in paths])
     return x, np.array([list(meta["classes"]).index(path.parent.name) for path in paths])
 
 

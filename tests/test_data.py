@@ -30,7 +30,9 @@ from pipeline.data import (
     preprocess,
     read_metadata,
 )
-from pipeline.model import MEAN, STD, eval_transform, resize_size
+from pipeline.model import eval_transform, preprocessing
+
+VGG16 = preprocessing("vgg16")  # 224 px, resize 256, bilinear, ImageNet mean and std
 
 
 def jpeg(img: Image.Image, **kw) -> bytes:
@@ -140,12 +142,14 @@ def test_exif_orientation_is_applied():
 # --- preprocess -------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("arch", ["vgg16", "efficientnet_lite0"])  # bilinear, ImageNet stats; bicubic, 0.5
 @pytest.mark.parametrize("image_size", [32, 128, 224])
 @pytest.mark.parametrize("size", [(500, 375), (311, 460), (224, 224), (57, 33), (1000, 667), (37, 37)])
-def test_preprocess_equals_torchvision(image_size, size):
+def test_preprocess_equals_the_weights_own_transform(arch, image_size, size):
     img = noise(*size, seed=size[0])
-    ours = preprocess(img, image_size, resize_size(image_size), MEAN, STD)
-    theirs = eval_transform(image_size)(img).numpy()
+    pre = preprocessing(arch, image_size)
+    ours = preprocess(img, pre["image_size"], pre["resize_size"], pre["mean"], pre["std"], pre["interpolation"])
+    theirs = eval_transform(pre)(img).numpy()
     assert ours.dtype == np.float32 and ours.shape == theirs.shape == (3, image_size, image_size)
     assert np.abs(ours - theirs).max() <= 1e-6
 
@@ -157,10 +161,12 @@ def tiny_metadata(image_size: int) -> dict[str, str]:
     return {
         "classes": json.dumps(["cats", "dogs"]),
         "image_size": str(image_size),
-        "resize_size": str(resize_size(image_size)),
+        "resize_size": str(preprocessing("vgg16", image_size)["resize_size"]),
+        "interpolation": "bilinear",
+        "arch": "tiny",
         "layout": "NCHW",
-        "mean": json.dumps(list(MEAN)),
-        "std": json.dumps(list(STD)),
+        "mean": json.dumps(list(VGG16["mean"])),
+        "std": json.dumps(list(VGG16["std"])),
         "weights": "none",
         "params_hash": "0" * 64,
         "run_key": "tiny",
@@ -204,8 +210,9 @@ def write_tiny_onnx(dest, image_size: int = 16, gain: float = 4.0):
 
 def test_read_metadata_types_the_values(tmp_path):
     meta = read_metadata(write_tiny_onnx(tmp_path / "onnx", image_size=32))
-    assert meta["classes"] == ("cats", "dogs") and meta["image_size"] == 32 and meta["resize_size"] == 37
-    assert meta["mean"] == MEAN and meta["std"] == STD and meta["layout"] == "NCHW"
+    assert meta["classes"] == ("cats", "dogs") and meta["image_size"] == 32 and meta["resize_size"] == 36
+    assert meta["mean"] == VGG16["mean"] and meta["std"] == VGG16["std"] and meta["layout"] == "NCHW"
+    assert meta["interpolation"] == "bilinear" and meta["arch"] == "tiny"
     assert (meta["input_name"], meta["output_name"]) == ("image", "probs")
 
 
@@ -218,7 +225,7 @@ def test_read_metadata_says_what_to_do(tmp_path):
     model = onnx.load(write_tiny_onnx(tmp_path / "onnx") / MODEL_FILE)
     del model.metadata_props[:]
     onnx.save(model, tmp_path / "onnx" / MODEL_FILE)
-    with pytest.raises(ModelError, match="lacks metadata classes"):
+    with pytest.raises(ModelError, match="lacks metadata arch, classes"):
         read_metadata(tmp_path / "onnx")
 
 

@@ -232,12 +232,13 @@ def test_a_failed_make_repro_puts_params_back_and_the_demo_runs_again(tmp_path):
     assert (project / "params.yaml").read_bytes() == before
 
 
-def test_make_demo_resets_exactly_the_keys_make_repro_overrides_to_the_committed_demo_values():
+def test_make_demo_resets_exactly_the_keys_make_repro_and_make_offline_override_to_the_committed_demo_values():
     makefile = (ROOT / "Makefile").read_text()
     values = lambda name: re.search(rf"{name} = (.*?\n(?:\t.*\n)*)", makefile)[1].replace("\\", " ").split()  # noqa: E731
     demo = dict(a.split("=", 1) for a in values("DEMO_PARAMS"))
     kaggle = re.findall(r"([a-z_]+\.[a-z_]+)=", " ".join(values("KAGGLE_PARAMS")))
-    assert sorted(demo) == sorted(kaggle) and "fetch.source" in kaggle
+    offline = re.findall(r"([a-z_]+\.[a-z_]+)=", " ".join(values("OFFLINE_PARAMS")))
+    assert sorted(demo) == sorted(set(kaggle) | set(offline)) and "fetch.source" in kaggle and "train.arch" in offline
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     for key, value in demo.items():
         section, name = key.split(".")

@@ -140,7 +140,8 @@ def test_cuda_that_is_not_there_fails(project):
         run_predict(project, provider="cuda")
 
 
-def test_tta_averages_the_image_and_its_mirror(project):
+def test_tta_averages_the_logits_of_the_image_and_its_mirror(project):
+    """As evaluate's predict_logits(tta=True) does: the validation calibration then fits the submission."""
     meta = read_metadata(project / "models" / "onnx")
     session, _ = make_session(project / "models" / "onnx", "cpu")
     half = np.zeros((1, 3, 16, 16), np.float32)
@@ -148,8 +149,16 @@ def test_tta_averages_the_image_and_its_mirror(project):
     x = np.concatenate([half, half[..., ::-1], np.zeros_like(half)])
     plain = run_model(session, meta, x, tta=False)
     assert plain[0] > 0.99 and plain[1] < 0.01 and plain[2] == pytest.approx(0.5)
-    mirrored = run_model(session, meta, np.ascontiguousarray(x[..., ::-1]), tta=False)
-    np.testing.assert_allclose(run_model(session, meta, x, tta=True), (plain + mirrored) / 2, atol=1e-7)
+    lopsided = np.zeros((2, 3, 16, 16), np.float32)
+    lopsided[0, 0, :, :8], lopsided[0, 2, :, 8:] = 0.3, 0.05  # strong red left, weak blue right
+    lopsided[1, 0, :, :8], lopsided[1, 2, :, 8:] = 0.02, 0.2
+    plain = run_model(session, meta, lopsided, tta=False).astype(np.float64)
+    mirrored = run_model(session, meta, np.ascontiguousarray(lopsided[..., ::-1]), tta=False).astype(np.float64)
+    z = (np.log(plain) - np.log1p(-plain) + np.log(mirrored) - np.log1p(-mirrored)) / 2
+    np.testing.assert_allclose(run_model(session, meta, lopsided, tta=True), 1 / (1 + np.exp(-z)), atol=1e-5)
+    scaled = run_model(session, meta, lopsided, tta=True, temperature=2.0)
+    np.testing.assert_allclose(scaled, 1 / (1 + np.exp(-z / 2)), atol=1e-5)
+    assert np.abs(1 / (1 + np.exp(-z)) - (plain + mirrored) / 2).max() > 1e-3  # not the mean of probabilities
 
 
 def test_decoded_batches_keep_order_and_size():

@@ -20,14 +20,17 @@ from tests.conftest import ROOT, tiny_prepare
 
 
 def test_frozen_layers_stay_in_eval_mode():
-    model = build_model("none")
-    set_train_mode(model, "head")
+    model = build_model("vgg16", "none")
+    set_train_mode(model, "vgg16", "head")
     assert not model.features.training and not model.classifier[2].training  # dropout off: fixed features
     assert model.classifier[6].training
-    set_train_mode(model, "dense")
+    set_train_mode(model, "vgg16", "dense")
     assert not model.features.training and model.classifier[2].training
-    set_train_mode(model, "all")
+    set_train_mode(model, "vgg16", "all")
     assert model.features.training
+    lite = build_model("efficientnet_lite0", "none")
+    set_train_mode(lite, "efficientnet_lite0", "head")
+    assert not lite.bn2.training and lite.classifier.training  # BatchNorm statistics fixed under a frozen body
 
 
 @pytest.fixture(scope="module")
@@ -115,10 +118,8 @@ def test_killed_run_resumes_and_ends_with_the_same_weights(prepared, tmp_path):
     assert re.search(rf"resuming from .*ckpt.pt after epoch {done_epochs} of 3", log), log
     assert f"epoch {done_epochs}/3" not in log and "epoch 3/3" in log  # continued, did not start over
     assert not (broken / "ckpt.pt").exists()
-    a, b = weights(whole / "model.pt"), weights(broken / "model.pt")
-    assert a.keys() == b.keys()
-    for name in a:
-        assert torch.equal(a[name], b[name]), name
+    # same weights, same bytes: evaluate, export and package see no change
+    assert (whole / "model.pt").read_bytes() == (broken / "model.pt").read_bytes()
     # the learning curve lists every epoch once
     history = torch.load(broken / "model.pt", weights_only=False)["history"]
     assert len(history) == 3
@@ -141,7 +142,7 @@ def test_model_file_rebuilds_alone(prepared, tmp_path):
 
     run_train(tmp_path, prepared, write_params(tmp_path / "p.yaml", epochs=1))
     model, meta = load_model(tmp_path / "model.pt")
-    assert meta["classes"] == ("cats", "dogs") and meta["image_size"] == 32 and meta["resize_size"] == 37
+    assert meta["classes"] == ("cats", "dogs") and meta["image_size"] == 32 and meta["resize_size"] == 36
     assert meta["params"]["finetune"] == "head" and len(meta["history"]) == 1
     assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 2)
 
@@ -202,3 +203,55 @@ def test_unloadable_weights_end_the_stages_with_the_message(prepared, tmp_path, 
     assert done.returncode == 1, done.stderr
     assert f"train.weights is '{missing}', which is not a file" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+FINE_TUNE = dict(arch="efficientnet_lite0", finetune="all", head_epochs=1, epochs=2, augment=True, lr=0.003)
+
+
+@pytest.mark.slow
+def test_fine_tune_killed_in_its_second_phase_resumes_to_the_same_bytes(prepared, tmp_path):
+    """fastai's fine_tune (head on cached activations, then everything on augmented images), killed after the
+    first epoch of the unfrozen phase, ends with the same model.pt, byte for byte, as an uninterrupted run."""
+    params = write_params(tmp_path / "params.yaml", **FINE_TUNE)
+    whole, broken = tmp_path / "whole", tmp_path / "broken"
+    log = run_train(whole, prepared, params)
+    assert "head for 1 epochs at lr 0.002 then all for 2 epochs at lr 0.003" in log
+    assert re.search(r"head: 2,562 trainable parameters on cached activations|head: 2562 trainable", log), log
+    assert json.loads((whole / "features" / "meta.json").read_text())["finetune"] == "head"
+
+    features(broken, prepared, params)
+    proc = subprocess.Popen(train_cmd(broken, prepared, params), cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    deadline, epoch = time.monotonic() + 300, 0
+    while epoch < 2 and proc.poll() is None and time.monotonic() < deadline:
+        if (broken / "ckpt.pt").exists():
+            epoch = torch.load(broken / "ckpt.pt", weights_only=False)["epoch"]
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    ckpt = torch.load(broken / "ckpt.pt", weights_only=False)
+    assert (ckpt["epoch"], ckpt["finetune"]) == (2, "all"), "the run was not interrupted in its second phase"
+    assert any(k.startswith("blocks.") for k in ckpt["model"])  # the body trains in this phase
+
+    log = run_train(broken, prepared, params)
+    assert "resuming from" in log and "after epoch 2 of 3" in log and "epoch 3/3" in log and "epoch 2/3" not in log
+    assert (whole / "model.pt").read_bytes() == (broken / "model.pt").read_bytes()
+
+
+@pytest.mark.slow
+def test_the_epoch_with_the_lowest_validation_log_loss_is_kept(prepared, tmp_path):
+    from torch.utils.data import DataLoader
+    from torchvision.datasets import ImageFolder
+
+    from pipeline.model import eval_transform, load_model, predict_logits
+
+    run_train(tmp_path, prepared, write_params(tmp_path / "p.yaml", epochs=6, lr=0.5, keep="best"))
+    model, meta = load_model(tmp_path / "model.pt")
+    losses = [m["valid_log_loss"] for m in meta["history"]]
+    assert meta["best_epoch"] == 1 + losses.index(min(losses))
+    assert meta["best_epoch"] != len(losses), "the last epoch was the best: this test would not see the difference"
+    loader = DataLoader(ImageFolder(prepared / "valid", transform=eval_transform(meta)), batch_size=16)
+    logits, y = predict_logits(model, loader, torch.device("cpu"))
+    p_dog = torch.softmax(torch.from_numpy(logits), 1)[:, 1].numpy()
+    from sklearn.metrics import log_loss
+
+    assert log_loss(y, p_dog, labels=[0, 1]) == pytest.approx(min(losses), abs=1e-5)
