@@ -2,9 +2,12 @@
 
 import csv
 import json
+import os
 import re
 import shutil
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -258,3 +261,38 @@ def test_replacing_the_zip_in_downloads_reruns_fetch(tmp_path):
     assert "Running stage 'fetch'" in dvc(project, "repro", "fetch")
     raw = project / "data" / "raw" / "dogs-vs-cats-redux-kernels-edition.zip"
     assert raw.read_bytes() == zip_path.read_bytes()
+
+
+def test_a_killed_train_restored_from_the_run_cache_leaves_its_own_metrics(tmp_path):
+    """Kill train midway through other params, go back: DVC restores the earlier run from its run cache, and the
+    learning-curve metrics must be that run's, not the killed epoch's."""
+    tiny = {
+        "fetch.demo.train_per_class": 30,
+        "fetch.demo.test_count": 4,
+        "fetch.demo.min_side": 48,
+        "fetch.demo.max_side": 96,
+        "prepare.valid_per_class": 10,
+        "train.image_size": 32,
+        "train.epochs": 2,
+        "train.finetune": "dense",
+        "train.feature_cache": False,
+        "train.workers": 0,
+    }
+    project = make_project(tmp_path / "project", tiny)
+    dvc(project, "repro", "train")
+    metrics = project / "dvclive" / "metrics.json"
+    before = metrics.read_bytes()
+    params = (project / "params.yaml").read_text()
+    (project / "params.yaml").write_text(params.replace("epochs: 2", "epochs: 6"))
+    proc = subprocess.Popen([str(BIN / "dvc"), "repro", "train"], cwd=project, env=tool_env(), start_new_session=True)
+    deadline = time.monotonic() + 300
+    while not (project / "models" / "train-checkpoint.pt").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(1)  # DVCLive writes metrics.json after the checkpoint's epoch
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert metrics.read_bytes() != before, "the killed run did not get to write its metrics"
+    (project / "params.yaml").write_text(params)
+    log = dvc(project, "repro", "train")
+    assert "Running stage 'train'" not in log or "run-cache" in log, log
+    assert metrics.read_bytes() == before
