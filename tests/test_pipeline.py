@@ -218,6 +218,13 @@ def test_a_failed_make_repro_puts_params_back_and_the_demo_runs_again(tmp_path):
     assert f"source=downloads/{raw.name} wrote" in done.stderr, done.stderr  # relative: params.yaml stays portable
     assert "prepare.valid_per_class=1000 leaves too few for training" in done.stderr
     assert "Kaggle credentials" not in done.stderr and (project / "params.yaml").read_bytes() == before
+
+    # make offline: the same machinery with the offline recipe; without ZIP, a message saying what to give
+    done = make(project, "offline", env=env)
+    assert done.returncode == 2 and "make offline ZIP=downloads/" in done.stderr
+    done = make(project, "-o", f"{BIN.parent}/.offline", "offline", f"ZIP=downloads/{raw.name}", env=env)
+    assert done.returncode != 0 and "prepare.valid_per_class=250 leaves too few for training" in done.stderr
+    assert "make offline failed" in done.stderr and (project / "params.yaml").read_bytes() == before
     dvc(project, "repro", "prepare")  # back to the demo data (rerun, or restored from DVC's run cache)
     assert raw.read_bytes() == zip_before and (project / "data" / "raw" / "demo_test_labels.csv").is_file()
 
