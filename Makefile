@@ -23,13 +23,14 @@ KAGGLE_PARAMS = fetch.source=$(if $(ZIP),$(ZIP_PATH),kaggle) prepare.valid_per_c
 # with no network; the epoch with the lowest validation log loss is kept, flip TTA, calibration fitted on validation
 OFFLINE_VALID ?= 250
 OFFLINE_PARAMS = fetch.source=$(ZIP_PATH) prepare.valid_per_class=$(OFFLINE_VALID) train.arch=efficientnet_lite0 \
-	train.weights=imagenet train.image_size=0 train.finetune=all train.augment=true train.head_epochs=8 \
-	train.head_lr=0.002 train.epochs=4 train.lr=0.0005 train.body_lr_factor=0.1 predict.tta=true
+	train.weights=imagenet train.image_size=0 train.finetune=all train.augment=true train.min_scale=0.75 \
+	train.freeze_bn=true train.head_epochs=8 train.head_lr=0.002 train.epochs=2 train.lr=0.0005 \
+	train.body_lr_factor=0.1 predict.tta=true
 # the demo's values of every key the two above override (params.yaml as committed; tests/test_pipeline.py
 # holds them equal)
 DEMO_PARAMS = fetch.source=demo prepare.valid_per_class=150 train.weights=none train.image_size=128 \
 	train.lr=0.01 train.epochs=40 train.arch=vgg16 train.finetune=head train.augment=false train.head_epochs=0 \
-	train.head_lr=0.002 train.body_lr_factor=0.1 predict.tta=false
+	train.head_lr=0.002 train.body_lr_factor=0.1 train.min_scale=0.35 train.freeze_bn=false predict.tta=false
 
 # what the messages of the repro recipe call it (make offline runs it too)
 GOAL ?= repro

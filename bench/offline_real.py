@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import re
 import subprocess
@@ -37,28 +38,34 @@ def cpu() -> dict:
     info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     name = re.search(r"model name\s*:\s*(.*)", info)
     flags = sorted(set(re.findall(r"\b(avx512_vnni|avx512f|avx2)\b", info)))
-    import os
-
     return {"model": name[1] if name else platform.processor(), "flags": flags, "cores": os.cpu_count()}
 
 
-def run_timed(cmd: list[str], cwd: Path, log_path: Path) -> tuple[float, dict[str, float]]:
-    """Run `cmd`, teeing its output to `log_path` with timestamps; (total seconds, {stage: seconds})."""
+def run_timed(cmd: list[str], cwd: Path, log_path: Path) -> None:
+    """Run `cmd` with the project's venv first on PATH (dvc stages call `python`), its output timestamped into
+    `log_path` (seconds since the start, then the line)."""
+    env = {**os.environ, "PATH": f"{cwd / '.venv' / 'bin'}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
     t0 = time.perf_counter()
-    starts: list[tuple[str, float]] = []
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for line in proc.stdout:
-            now = time.perf_counter() - t0
-            log.write(f"{now:8.1f} {line}")
+            log.write(f"{time.perf_counter() - t0:8.1f} {line}")
             log.flush()
-            stage = re.search(r"Running stage '([^']+)'", line)
-            if stage:
-                starts.append((stage[1], now))
         rc = proc.wait()
-    total = time.perf_counter() - t0
+        log.write(f"{time.perf_counter() - t0:8.1f} (exit {rc})\n")
     if rc != 0:
         raise SystemExit(f"{' '.join(cmd)} failed (rc {rc}); see {log_path}")
+
+
+def timings(log_path: Path) -> tuple[float, dict[str, float]]:
+    """(total seconds, {stage: seconds}) from a `run_timed` log: each stage lasts until the next one starts."""
+    starts, total = [], 0.0
+    for line in log_path.read_text().splitlines():
+        now = float(line[:8])
+        total = max(total, now)
+        stage = re.search(r"Running stage '([^']+)'", line)
+        if stage:
+            starts.append((stage[1], now))
     ends = [t for _, t in starts[1:]] + [total]
     return total, {name: round(end - start, 1) for (name, start), end in zip(starts, ends, strict=True)}
 
@@ -98,6 +105,7 @@ def main(argv=None) -> None:
     parser.add_argument("--zip", type=Path, default=SHARED / "dogs-vs-cats-redux-kernels-edition.zip")
     parser.add_argument("--labels", type=Path, default=SHARED / "test_labels.csv")
     parser.add_argument("--project", type=Path, help="run here instead of in a fresh clone (kept afterwards)")
+    parser.add_argument("--reuse-log", action="store_true", help="with --project: read its offline.log, run nothing")
     parser.add_argument("--skip-head-only", action="store_true")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "offline_real.json")
     args = parser.parse_args(argv)
@@ -110,7 +118,9 @@ def main(argv=None) -> None:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=project, capture_output=True, text=True)
     results = {"cpu": cpu(), "commit": commit.stdout.strip(), "zip": str(args.zip), "project": str(project)}
     print(f"running make offline in {project} (log: {project / 'offline.log'})", flush=True)
-    total, stages = run_timed(["make", "offline", f"ZIP={args.zip.resolve()}"], project, project / "offline.log")
+    if not args.reuse_log:
+        run_timed(["make", "offline", f"ZIP={args.zip.resolve()}"], project, project / "offline.log")
+    total, stages = timings(project / "offline.log")
     results["make_offline_seconds"] = round(total, 1)  # with installing the venv (pip, from a local index here)
     results["stage_seconds"] = stages
     metrics = json.loads((project / "metrics" / "evaluate.json").read_text())
@@ -136,7 +146,8 @@ def main(argv=None) -> None:
     if not args.skip_head_only:  # the lesson's recipe on the same cached features, through the same pipeline
         overrides = ["train.finetune=head", "train.augment=false", "train.epochs=8", "train.lr=0.002"]
         cmd = [str(project / ".venv" / "bin" / "dvc"), "exp", "run", *(a for o in overrides for a in ("-S", o))]
-        t_head, head_stages = run_timed(cmd, project, project / "head_only.log")
+        run_timed(cmd, project, project / "head_only.log")
+        t_head, head_stages = timings(project / "head_only.log")
         results["head_only"] = {
             "seconds": round(t_head, 1),
             "stage_seconds": head_stages,

@@ -128,6 +128,8 @@ class TrainParams:
     finetune: Literal["head", "dense", "all"]  # what trains: the new layer, the arch's dense block, everything
     image_size: int  # side of the centre crop fed to the network; 0 = the weights' own (224, lite1: 240, ...)
     augment: bool  # random resized crop + horizontal flip on training images
+    min_scale: float  # ... the crop covers at least this fraction of the image's area
+    freeze_bn: bool  # BatchNorm keeps its pretrained running statistics while the body trains (small data sets)
     head_epochs: int  # fastai's fine_tune: with finetune all, first this many epochs train only the head
     head_lr: float  # ... at this peak lr (on cached activations when feature_cache)
     epochs: int  # passes over the training images (or their cached activations) with `finetune`

@@ -221,11 +221,16 @@ def param_groups(model: nn.Module, arch: str, finetune: str, lr: float, body_lr_
     return groups
 
 
-def set_train_mode(model: nn.Module, arch: str, finetune: str) -> None:
-    """Train mode for what trains; frozen layers stay in eval mode (no dropout, BatchNorm statistics fixed)."""
+def set_train_mode(model: nn.Module, arch: str, finetune: str, freeze_bn: bool = False) -> None:
+    """Train mode for what trains; frozen layers stay in eval mode (no dropout, BatchNorm statistics fixed).
+    `freeze_bn`: BatchNorm layers keep their ImageNet running statistics even where the weights train."""
     prefix = trainable_module(model, arch, finetune)
     model.eval()
     (model.get_submodule(prefix) if prefix else model).train()
+    if freeze_bn:
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
 
 
 def frozen_part(model: nn.Module, arch: str, finetune: str) -> nn.Module:
@@ -290,8 +295,9 @@ def eval_transform(pre: dict) -> v2.Compose:
     )
 
 
-def train_transform(pre: dict, augment: bool) -> v2.Compose:
-    """Random resized crop and horizontal flip when `augment`, else the eval preprocessing."""
+def train_transform(pre: dict, augment: bool, min_scale: float = 0.35) -> v2.Compose:
+    """Random resized crop (at least `min_scale` of the area) and horizontal flip when `augment`, else the eval
+    preprocessing."""
     if not augment:
         return eval_transform(pre)
     return v2.Compose(
@@ -299,7 +305,7 @@ def train_transform(pre: dict, augment: bool) -> v2.Compose:
             v2.PILToTensor(),
             v2.RandomResizedCrop(
                 pre["image_size"],
-                scale=(0.35, 1.0),
+                scale=(min_scale, 1.0),
                 interpolation=interpolation_mode(pre["interpolation"]),
                 antialias=True,
             ),

@@ -121,7 +121,7 @@ def make_loaders(
         train_ds, valid_ds = (ArrayDataset(*cache[s]) for s in ("train", "valid"))
         workers = 0  # reading a memmap row is cheaper than handing it between processes
     else:
-        train_ds = ImageFolder(data / "train", transform=train_transform(pre, p.augment))
+        train_ds = ImageFolder(data / "train", transform=train_transform(pre, p.augment, p.min_scale))
         valid_ds = ImageFolder(data / "valid", transform=train_transform(pre, False))
         for ds in (train_ds, valid_ds):
             if tuple(ds.classes) != CLASSES:
@@ -301,7 +301,7 @@ def main(argv=None) -> None:
             )
             for epoch in range(max(start, first), first + epochs):
                 t0 = time.perf_counter()
-                set_train_mode(model, p.arch, finetune)
+                set_train_mode(model, p.arch, finetune, p.freeze_bn)
                 desc = f"{finetune} epoch {epoch + 1}"
                 train_loss = train_one_epoch(net, train_loader, optimizer, scheduler, device, desc)
                 metrics = {"train_loss": train_loss, **validate(net, valid_loader, device)}

@@ -31,6 +31,8 @@ def test_frozen_layers_stay_in_eval_mode():
     lite = build_model("efficientnet_lite0", "none")
     set_train_mode(lite, "efficientnet_lite0", "head")
     assert not lite.bn2.training and lite.classifier.training  # BatchNorm statistics fixed under a frozen body
+    set_train_mode(lite, "efficientnet_lite0", "all", freeze_bn=True)  # the body trains, its BN statistics do not
+    assert lite.conv_head.training and lite.classifier.training and not lite.bn2.training
 
 
 @pytest.fixture(scope="module")
