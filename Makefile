@@ -92,7 +92,7 @@ submit: install
 HOST ?= 127.0.0.1
 PORT ?= 3000
 serve: install
-	$(BIN)/bentoml serve serving.service:DogsVsCats --host $(HOST) --port $(PORT)
+	$(BIN)/bentoml serve serving.service:DogsVsCats --host $(HOST) --port $(PORT) --timeout-graceful-shutdown 20
 
 bench: install  # CPU always; CUDA too where PyTorch sees a GPU
 	$(BIN)/python bench/train_bench.py --device cpu

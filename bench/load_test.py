@@ -2,21 +2,23 @@
 
 `python bench/load_test.py [--onnx models/onnx] [--clients 16] [--seconds 30]` writes
 bench/results/load_cpu.json shaped `{"batched": {"rps", "p50_ms", "p95_ms", "p99_ms", "errors",
-"mean_batch"}, "unbatched": {...}, "raw_ort_img_s": ..., "clients": N, "seconds": T}`.
+"mean_batch", "idle_ms", "api_peak_rss_mb"}, "unbatched": {...}, "raw_ort_img_s": ..., "clients": N, "seconds": T}`.
 
-The ONNX folder (all its variants) is imported into a temporary BENTOML_HOME, and `bentoml serve` runs
-twice on 127.0.0.1 (serving/smoke.py's helpers): with the `serve` section of params.yaml (batched) and
-with `serve.max_batch_size: 1` (unbatched), from a temporary params file (DOGSCATS_PARAMS). Locust (its CLI,
-headless, users from bench/locustfile.py) drives the clients with no think time: a warm-up run, then
-the measured run of `--seconds`. mean_batch comes from the model service's
-`bentoml_service_adaptive_batch_size` histogram on /metrics, over the same window. raw_ort_img_s is the
-same variant's ONNX Runtime session in this process at the service's mean batch size, measured after the
-service stops (same machine, same run): the ceiling the service is compared with. raw_ort_img_s_by_batch
-adds batch 1 and `serve.max_batch_size`, and batching_ceiling = the best of those / batch 1: the most
-that batched/unbatched could reach on this machine if both ran at raw speed (the raw session gets as
-many threads as the model service has in all). The clients share the machine with the service, as they
-would in any one-box test. `--set KEY=VALUE` overrides a `serve` param for both runs (tuning: e.g.
-`--set workers=2 --set threads=1 --out bench/results/tuning/workers2.json`).
+The ONNX folder (all its variants) is imported into a temporary BENTOML_HOME, and `bentoml serve` runs twice
+on 127.0.0.1 (serving/smoke.py's helpers): with the `serve` section of params.yaml (batched) and with
+`serve.max_batch_size: 1` (unbatched), from a temporary params file (DOGSCATS_PARAMS). Locust (its CLI,
+headless, users from bench/locustfile.py) drives the clients with no think time: a warm-up run, then the
+measured run of `--seconds`. idle_ms: one client's /classify time (median of 3, one after another) before the
+warm-up and `--idle-after` seconds after the measured run ends (issue 13: it stayed at the burst's queue
+wait); api_peak_rss_mb: the API worker's peak RSS over the measured run (VmHWM, reset first: Linux).
+mean_batch comes from the model service's `bentoml_service_adaptive_batch_size` histogram on /metrics, over
+the same window. raw_ort_img_s is the same variant's ONNX Runtime session in this process at the service's
+mean batch size, measured after the service stops (same machine, same run): the ceiling the service is
+compared with. raw_ort_img_s_by_batch adds batch 1 and `serve.max_batch_size`, and batching_ceiling = the best
+of those / batch 1: the most that batched/unbatched could reach on this machine if both ran at raw speed (the
+raw session gets as many threads as the model service has in all). The clients share the machine with the
+service, as they would in any one-box test. `--set KEY=VALUE` overrides a `serve` param for both runs (tuning:
+e.g. `--set workers=2 --set threads=1 --out bench/results/tuning/workers2.json`).
 """
 
 from __future__ import annotations
@@ -68,6 +70,38 @@ def batch_totals(url: str) -> tuple[float, float]:
     return totals["sum"], totals["count"]
 
 
+def api_worker(server_pid: int) -> int:
+    """The pid of the API service's worker: the child of `bentoml serve` started with --service-name DogsVsCats."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            cmdline = (stat.parent / "cmdline").read_bytes()
+        except (FileNotFoundError, ProcessLookupError):  # a process that ended while we looked
+            continue
+        if ppid == server_pid and b"--service-name\0DogsVsCats\0" in cmdline:
+            return int(stat.parent.name)
+    raise RuntimeError(f"no DogsVsCats worker under pid {server_pid}")
+
+
+def proc_status(pid: int, key: str) -> int:
+    """A VmRSS/VmHWM line of /proc/PID/status, in bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(f"{key} not in /proc/{pid}/status")
+
+
+def idle_ms(url: str, photo: Path, n: int = 3) -> float:
+    """One client alone: the median of `n` /classify requests, one after another, in ms."""
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        r = requests.post(f"{url}/classify", files={"image": (photo.name, photo.read_bytes())}, timeout=120)
+        r.raise_for_status()
+        times.append(time.perf_counter() - t0)
+    return round(1000 * float(np.median(times)), 1)
+
+
 def run_locust(url: str, photos: Path, clients: int, seconds: float, csv_prefix: Path) -> None:
     """The locust CLI, headless: `clients` users of bench/locustfile.py for `seconds`; its CSVs at csv_prefix."""
     cmd = [
@@ -81,12 +115,22 @@ def run_locust(url: str, photos: Path, clients: int, seconds: float, csv_prefix:
         raise SystemExit(f"locust exited with {done.returncode} and wrote no figures:\n{done.stderr[-3000:]}")
 
 
-def drive(url: str, photos: Path, clients: int, seconds: float, warmup: float, tmp: Path) -> dict:
-    """A warm-up run, then the measured run; figures from locust's CSV and the service's /metrics."""
-    run_locust(url, photos, clients, warmup, tmp / "warmup")
+def drive(url: str, api_pid: int, args, tmp: Path) -> dict:
+    """Idle latency, a warm-up run, the measured run, idle latency after it; figures from locust's CSV, the
+    service's /metrics and the API worker's /proc."""
+    photo = sorted(args.photos.rglob("*.jpg"))[0]
+    for _ in range(4):  # BentoML's batching trains its latency model on the first ~11 requests
+        idle = {"before": idle_ms(url, photo)}
+    run_locust(url, args.photos, args.clients, args.warmup, tmp / "warmup")
     batch0 = batch_totals(url)
-    run_locust(url, photos, clients, seconds, tmp / "load")
+    Path(f"/proc/{api_pid}/clear_refs").write_text("5")  # VmHWM := VmRSS: the peak of the measured run alone
+    run_locust(url, args.photos, args.clients, args.seconds, tmp / "load")
+    end = time.monotonic()
+    api_peak = proc_status(api_pid, "VmHWM")
     batch1 = batch_totals(url)
+    for after in args.idle_after:
+        time.sleep(max(0.0, end + after - time.monotonic()))
+        idle[f"after_{after:g}s"] = idle_ms(url, photo)
     with open(f"{tmp / 'load'}_stats.csv", newline="") as f:
         total = next(row for row in csv.DictReader(f) if row["Name"] == "Aggregated")
     calls = batch1[1] - batch0[1]
@@ -99,6 +143,8 @@ def drive(url: str, photos: Path, clients: int, seconds: float, warmup: float, t
         "requests": int(total["Request Count"]),
         "mean_batch": round((batch1[0] - batch0[0]) / calls, 2) if calls else 1.0,  # no histogram: unbatched
         "model_calls": calls,
+        "idle_ms": idle,
+        "api_peak_rss_mb": round(api_peak / 2**20),
     }
 
 
@@ -113,7 +159,7 @@ def serve_and_drive(params: dict, home: Path, tmp: Path, label: str, args) -> di
         proc = start(port, env=env, log=log)
         try:
             wait_ready(url, proc)
-            figures = drive(url, args.photos, args.clients, args.seconds, args.warmup, tmp / label)
+            figures = drive(url, api_worker(proc.pid), args, tmp / label)
         finally:
             stop(proc)
     retries = (tmp / f"serve-{label}.log").read_text().count("connection to the model service dropped")
@@ -143,6 +189,10 @@ def main(argv=None) -> None:
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--seconds", type=float, default=30.0, help="measured window of each run")
     parser.add_argument("--warmup", type=float, default=10.0, help="load before the window, not measured")
+    parser.add_argument(
+        "--idle-after", type=lambda v: [float(x) for x in v.split(",")], default=[1.0, 5.0, 10.0],
+        help="seconds after the measured run to time one idle client, e.g. 1,5,10",
+    )  # fmt: skip
     parser.add_argument("--raw-seconds", type=float, default=10.0, help="timing of raw ONNX Runtime, per batch size")
     parser.add_argument("--params", type=Path, default=ROOT / "params.yaml")
     parser.add_argument(

@@ -15,7 +15,11 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
 import shutil
+import signal
+import sys
+import tempfile
 from pathlib import Path
 
 import bentoml
@@ -96,6 +100,19 @@ def import_model(onnx_dir: Path, name: str, metadata: dict, labels: dict) -> ben
     return stored
 
 
+def own_staging(name: str) -> Path:
+    """Make BentoML stage the import in a folder of this stage's, under the store, not in /tmp: BentoML's staging
+    folder (a copy of the model, 600 MB for VGG16) is removed only when Python exits normally, so a killed
+    `package` left it in /tmp for good. Here the next run finds and removes what a killed one left."""
+    staging = Path(os.environ.get("BENTOML_HOME", "~/bentoml")).expanduser() / "tmp" / "package"
+    staging.mkdir(parents=True, exist_ok=True)
+    for left in staging.glob(f"bentoml-model-{name}-*"):
+        log.info("removing %s, left by an interrupted package", left)
+        shutil.rmtree(left, ignore_errors=True)
+    tempfile.tempdir = str(staging)  # tempfile.mkdtemp, which BentoML's Model.create uses, now stages here
+    return staging
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description="Import the ONNX model into the BentoML model store.")
     parser.add_argument("--onnx", type=Path, required=True)
@@ -114,7 +131,10 @@ def main(argv=None) -> None:
         "weights": train.weights,
         "finetune": train.finetune,
     }
+    # SIGTERM (dvc's, a CI's) ends the stage like Ctrl-C: BentoML's cleanup of its staging folder runs
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
+        own_staging(p.model_name)
         model = import_model(args.onnx, p.model_name, model_metadata(args.onnx, args.metrics, train), labels)
     except OSError as e:  # BENTOML_HOME cannot be created or written
         raise SystemExit(

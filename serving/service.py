@@ -5,7 +5,8 @@
 
 - `DogsVsCats` (the HTTP API): `POST /classify` (multipart field `image`) and `POST /classify_batch`
   (field `images`, repeated) decode and check each upload in a thread (never on the event loop), answer
-  4xx with a message for bad input, and send only clean, preprocessed arrays on;
+  4xx with a message for bad input, and send only clean, preprocessed arrays on; `UploadGuard` checks each
+  body as it streams in (form, part count, sizes) and spools it to disk, so no body is whole in memory;
 - `Classifier` (asks for one GPU): holds the ONNX Runtime session; its `predict` is batchable, so
   concurrent requests of both endpoints share forward passes (adaptive batching). A bad upload can never
   fail a batch that other clients' images are in, because it never reaches it.
@@ -23,20 +24,23 @@ import logging
 import os
 from http import HTTPStatus
 from pathlib import Path
+from tempfile import SpooledTemporaryFile
 
 import aiohttp
 import bentoml
 import numpy as np
+from bentoml._internal.marshal import dispatcher as bentoml_dispatcher
 from bentoml.exceptions import NotFound
+from python_multipart.exceptions import MultipartParseError
+from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.applications import Starlette
-from starlette.datastructures import UploadFile
-from starlette.formparsers import MultiPartException
+from starlette.datastructures import Headers, UploadFile
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse
 from starlette.routing import Route
 
 from pipeline.config import PackageParams, ServeParams, load_params
-from pipeline.data import ImageError, load_image, open_model, preprocess, read_metadata
+from pipeline.data import ImageError, load_image, open_model, preprocess_as, read_metadata
 
 log = logging.getLogger("bentoml.dogs_vs_cats")  # under "bentoml": BentoML's log handlers show it
 
@@ -69,6 +73,23 @@ MODEL = bentoml.models.BentoModel(f"{MODEL_NAME}:latest")
 
 
 UPLOAD_FIELDS = {"/classify": "image", "/classify_batch": "images"}  # endpoint -> its multipart field
+MAX_PARTS = {"/classify": 1, "/classify_batch": SERVE.max_batch_images}  # endpoint -> files in one request
+MULTIPART_SLACK = 1 << 20  # headers and boundaries around the files
+SPOOL_BYTES = 1 << 20  # a body's first MiB stays in memory, the rest goes to a temporary file
+
+
+def upload_limits(serve: ServeParams) -> tuple[dict[str, int], int]:
+    """From the serve params: the largest body each upload endpoint takes, and the body bytes that all requests of
+    one API worker may hold at once (spooled to disk past SPOOL_BYTES each, and BentoML spools its own copy while
+    it parses): two full batches; a request that would go over gets 503."""
+    max_body = {
+        "/classify": serve.max_bytes + MULTIPART_SLACK,
+        "/classify_batch": serve.max_bytes * serve.max_batch_images + MULTIPART_SLACK,
+    }
+    return max_body, 2 * max_body["/classify_batch"]
+
+
+MAX_BODY, IN_FLIGHT_BYTES = upload_limits(SERVE)
 
 
 class BadUpload(ValueError):
@@ -79,65 +100,213 @@ class BadUpload(ValueError):
         self.status = status
 
 
-def error(status: HTTPStatus, message: str) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status)
+def error(status: HTTPStatus, message: str, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+class FormCheck:
+    """Checks a multipart body as it streams in and keeps none of it: every part a file (a filename) in the
+    endpoint's field, at most `max_parts` of them, each at most serve.max_bytes. `write` raises BadUpload at the
+    first chunk that breaks a rule, `finish` if the body ends before its closing boundary (a wrong boundary)."""
+
+    def __init__(self, boundary: bytes, field: str, max_parts: int):
+        self.boundary, self.field, self.max_parts = boundary, field, max_parts
+        self.parts = self.part_bytes = 0  # python-multipart bounds each part's headers (8, of 4 KiB each)
+        self.header, self.value, self.disposition, self.ended = b"", b"", b"", False
+        callbacks = {
+            "on_part_begin": self.on_part_begin,
+            "on_header_field": self.on_header_field,
+            "on_header_value": self.on_header_value,
+            "on_header_end": self.on_header_end,
+            "on_headers_finished": self.on_headers_finished,
+            "on_part_data": self.on_part_data,
+            "on_end": self.on_end,
+        }
+        self.parser = MultipartParser(boundary, callbacks)
+
+    def write(self, chunk: bytes) -> None:
+        try:
+            self.parser.write(chunk)
+        except MultipartParseError as e:
+            raise BadUpload(f"malformed multipart body ({e}): is the boundary in Content-Type the body's?") from e
+
+    def finish(self) -> None:
+        self.parser.finalize()
+        if not self.ended:
+            raise BadUpload(
+                f"the multipart body ends before its closing boundary '--{self.boundary.decode('latin-1')}--': "
+                "is the boundary in Content-Type the one the body uses?"
+            )
+        if not self.parts:
+            raise BadUpload(f"no photo: send it as a file in the multipart field '{self.field}'")
+
+    def on_part_begin(self) -> None:
+        self.parts += 1
+        self.part_bytes, self.disposition = 0, b""
+        if self.parts > self.max_parts and self.max_parts == 1:
+            raise BadUpload("more than one file: /classify takes one photo, /classify_batch several")
+        if self.parts > self.max_parts:
+            msg = f"over {self.max_parts} images, the limit per request"
+            raise BadUpload(msg, HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
+
+    def on_header_field(self, data: bytes, start: int, end: int) -> None:
+        self.header += data[start:end]
+
+    def on_header_value(self, data: bytes, start: int, end: int) -> None:
+        self.value += data[start:end]
+
+    def on_header_end(self) -> None:
+        if self.header.lower() == b"content-disposition":
+            self.disposition = self.value
+        self.header, self.value = b"", b""
+
+    def on_headers_finished(self) -> None:
+        kind, options = parse_options_header(self.disposition)
+        if kind != b"form-data" or b"name" not in options:
+            raise BadUpload(
+                f"part {self.parts} has no 'Content-Disposition: form-data' with a name: send the photo as a file "
+                f"in the multipart field '{self.field}'"
+            )
+        name = options[b"name"].decode("latin-1")
+        if name != self.field:
+            raise BadUpload(f"unexpected field '{name}': send the photo in the field '{self.field}'")
+        # a text value where a photo belongs: BentoML would take it for a URL to download (a server-side request
+        # forgery), so it never gets past here
+        if b"filename" not in options:
+            raise BadUpload(f"field '{self.field}' holds text, not a file: upload the photo itself (multipart file)")
+
+    def on_part_data(self, data: bytes, start: int, end: int) -> None:
+        self.part_bytes += end - start
+        if self.part_bytes > SERVE.max_bytes:
+            which = "image" if self.max_parts == 1 else f"image {self.parts}"
+            msg = f"{which} is over the limit of {SERVE.max_bytes} bytes"
+            raise BadUpload(msg, HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
+
+    def on_end(self) -> None:
+        self.ended = True
 
 
 class UploadGuard:
-    """ASGI middleware in front of the upload endpoints: a body over the byte limit gets 413 before it is
-    spooled, and a form with fields other than the endpoint's, or text where the photo belongs, gets 400.
-    (BentoML itself answers 500 to a file in an undeclared field: it json-decodes the file's bytes before
-    the API code runs; and it takes a text value in a file field for a URL to download.)"""
+    """ASGI middleware in front of the upload endpoints: BentoML gets a body only once it is whole and checked.
 
-    def __init__(self, app, max_body: dict[str, int]):
-        self.app, self.max_body = app, max_body
+    BentoML (and Starlette under it) read a whole body before any check, and a malformed one raised an
+    HTTPException that BentoML's TimeoutMiddleware swallows: no answer for traffic.timeout (120 s), then a bare 500
+    (bentoml/BentoML#5670). Here the body streams through FormCheck into a spooled temporary file; a declared
+    Content-Length over the limit gets 413 before a byte is read, anything that breaks a rule gets 4xx at that
+    chunk (the rest is not kept), and a request that would take the worker's body bytes over IN_FLIGHT_BYTES
+    gets 503. (BentoML also answers 500 to a file in an undeclared field, and takes text in a file field, or a
+    JSON body, for a URL to download: only multipart files in the endpoint's field pass.)"""
+
+    def __init__(self, app):
+        self.app = app
+        self.in_flight = 0  # body bytes the requests of this worker hold now (one event loop: no lock)
 
     async def __call__(self, scope, receive, send):
         path = scope.get("path", "")
         if scope["type"] != "http" or scope.get("method") != "POST" or path not in UPLOAD_FIELDS:
             return await self.app(scope, receive, send)
-        chunks, size = [], 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            chunks.append(message.get("body", b""))
-            size += len(chunks[-1])
-            if size > self.max_body[path]:
-                msg = f"request body over {self.max_body[path]} bytes: send smaller or fewer photos"
-                return await error(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, msg)(scope, receive, send)
-            if not message.get("more_body"):
-                break
-        body, replayed = b"".join(chunks), False
-
-        async def replay():  # hand the buffered body on once, then whatever the client sends (disconnect)
-            nonlocal replayed
-            if replayed:
-                return await receive()
-            replayed = True
-            return {"type": "http.request", "body": body, "more_body": False}
-
-        request = Request(scope, replay)
-        if request.headers.get("content-type", "").startswith("multipart/form-data"):
+        spool = UploadFile(SpooledTemporaryFile(max_size=SPOOL_BYTES))
+        held = 0  # this request's share of in_flight
+        try:
             try:
-                form = await request.form()
-            except MultiPartException as e:
-                return await error(HTTPStatus.BAD_REQUEST, f"malformed multipart body: {e}")(scope, receive, send)
-            unexpected = sorted(set(form.keys()) - {UPLOAD_FIELDS[path]})
-            # a text value where a photo belongs: BentoML would take it for a URL to download (a server-side
-            # request forgery), so it never gets past here
-            texts = [v for v in form.getlist(UPLOAD_FIELDS[path]) if not isinstance(v, UploadFile)]
-            await form.close()
-            if texts:
-                msg = f"field '{UPLOAD_FIELDS[path]}' holds text, not a file: upload the photo itself (multipart file)"
-                return await error(HTTPStatus.BAD_REQUEST, msg)(scope, receive, send)
-            if unexpected:
-                msg = (
-                    f"unexpected field(s) {', '.join(unexpected)}: send the photo in the field '{UPLOAD_FIELDS[path]}'"
-                )
-                return await error(HTTPStatus.BAD_REQUEST, msg)(scope, receive, send)
-            replayed = False
-        await self.app(scope, replay, send)
+                headers = Headers(scope=scope)
+                check = self.start(headers, path)
+                declared = headers.get("content-length")  # checked by start: digits, under the limit
+                held = self.take(int(declared)) if declared else 0
+                size = 0
+                while True:
+                    message = await receive()
+                    # answered all the same (nobody reads it): BentoML's TimeoutMiddleware holds a request that
+                    # ends unanswered for traffic.timeout, and a shutdown waits for it
+                    if message["type"] == "http.disconnect":
+                        raise BadUpload("the client went away before the body ended")
+                    chunk = message.get("body", b"")
+                    size += len(chunk)
+                    if size > MAX_BODY[path]:
+                        raise BadUpload(
+                            f"request body over {MAX_BODY[path]} bytes: send smaller or fewer photos",
+                            HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                        )
+                    if size > held:  # chunked: take as it comes
+                        held += self.take(size - held)
+                    check.write(chunk)
+                    await spool.write(chunk)
+                    if not message.get("more_body"):
+                        break
+                check.finish()
+            except BadUpload as e:
+                # no `Connection: close`: a client still sending would get a reset instead of this answer; uvicorn
+                # reads the rest of the body into nothing
+                headers = {"retry-after": "1"} if e.status == HTTPStatus.SERVICE_UNAVAILABLE else None
+                return await error(e.status, str(e), headers)(scope, receive, send)
+            await spool.seek(0)
+            await self.app(scope, replay(spool, receive), send)
+        finally:
+            self.in_flight -= held
+            await spool.close()
+
+    @staticmethod
+    def start(headers: Headers, path: str) -> FormCheck:
+        """A FormCheck for this request, or BadUpload from its headers alone."""
+        kind, options = parse_options_header(headers.get("content-type", ""))
+        field = UPLOAD_FIELDS[path]
+        if kind != b"multipart/form-data":
+            raise BadUpload(f"send the photo as a file in the multipart/form-data field '{field}'")
+        boundary = options.get(b"boundary", b"")
+        if not 0 < len(boundary) <= 70:  # RFC 2046: 1 to 70 characters
+            raise BadUpload("multipart/form-data without a boundary (1 to 70 characters) in Content-Type")
+        declared = headers.get("content-length")
+        if declared is not None and not declared.isdigit():
+            raise BadUpload(f"Content-Length '{declared}' is not a number")
+        if declared is not None and int(declared) > MAX_BODY[path]:
+            msg = f"request body of {declared} bytes, over {MAX_BODY[path]}: send smaller or fewer photos"
+            raise BadUpload(msg, HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
+        return FormCheck(boundary, field, MAX_PARTS[path])
+
+    def take(self, n: int) -> int:
+        """Add n bytes to this worker's in-flight bodies, or BadUpload 503 if that would go over IN_FLIGHT_BYTES."""
+        if self.in_flight + n > IN_FLIGHT_BYTES:
+            raise BadUpload(
+                f"busy: uploads of {self.in_flight} bytes in progress, this one would go over {IN_FLIGHT_BYTES}: "
+                "retry in a moment",
+                HTTPStatus.SERVICE_UNAVAILABLE,
+            )
+        self.in_flight += n
+        return n
+
+
+def replay(spool: UploadFile, receive):
+    """An ASGI receive that gives the checked body from the spool, a MiB at a time, then the client's messages."""
+    done = False
+
+    async def next_message():
+        nonlocal done
+        if done:
+            return await receive()  # the disconnect, when it comes
+        chunk = await spool.read(SPOOL_BYTES)
+        done = len(chunk) < SPOOL_BYTES
+        return {"type": "http.request", "body": chunk, "more_body": not done}
+
+    return next_message
+
+
+class NoCorkOptimizer(bentoml_dispatcher.Optimizer):
+    """BentoML's adaptive-batching optimizer with its cork wait held at 0: a batch leaves when the model is free.
+
+    BentoML 1.4's CorkDispatcher holds a lone request back until it has waited `Optimizer.wait`, the mean queue
+    wait of the last 50 batches' first requests. Under load that is the wait for a busy model, so after a burst
+    every idle request waits it out, and logs the same wait again: it never decays (bench/load_test.py, 64 clients
+    for 30 s: 0.15 s idle before, 1.31 s 1 s after, still 1.35 s 30 s after; with this, 0.03-0.04 s from 1 s after,
+    and more requests/s under load). Without the cork, the requests that queue while a forward pass runs still go
+    together into the next one, the batching that pays on a busy model (as Triton's default max_queue_delay, 0)."""
+
+    def trigger_refresh(self) -> None:
+        super().trigger_refresh()  # keeps the latency fit (o_a, o_b) behind the max_latency_ms refusals
+        self.wait = 0
+
+
+# read when the model service builds its dispatcher, after importing this module; bentoml is pinned below 1.5
+bentoml_dispatcher.Optimizer = NoCorkOptimizer
 
 
 # runner_connection: BentoML 1.4's client to this service replaces its connection pool every 100 requests,
@@ -210,7 +379,7 @@ class DogsVsCats:
         except ImageError as e:
             raise BadUpload(f"{name}: {str(e).replace(str(upload), 'the upload')}") from e
         m = self.meta
-        return preprocess(img, m["image_size"], m["resize_size"], m["mean"], m["std"])
+        return preprocess_as(img, m)  # the model's own size, filter (bilinear, bicubic), mean and std
 
     async def infer(self, x: np.ndarray) -> np.ndarray:
         """Classifier.predict on a batch (N, 3, H, W), retried on a dropped connection.
@@ -259,14 +428,7 @@ class DogsVsCats:
         return [self.answer(p) for p in probs]
 
 
-MULTIPART_SLACK = 1 << 20  # headers and boundaries around the files
-DogsVsCats.add_asgi_middleware(
-    UploadGuard,
-    max_body={
-        "/classify": SERVE.max_bytes + MULTIPART_SLACK,
-        "/classify_batch": SERVE.max_bytes * SERVE.max_batch_images + MULTIPART_SLACK,
-    },
-)
+DogsVsCats.add_asgi_middleware(UploadGuard)
 
 
 # --- the page for people: GET / and the model facts it shows, GET /info -------------------------------

@@ -23,6 +23,9 @@ import requests
 
 ROOT = Path(__file__).resolve().parents[1]
 SERVICE = "serving.service:DogsVsCats"
+# on SIGTERM, requests in flight get this long before the workers end them: uvicorn's default waits for ever, and a
+# /readyz waiting on a model service that cannot start never ends (issue 13: only SIGKILL stopped `make serve`)
+GRACEFUL_SHUTDOWN_S = 20
 
 
 def free_port() -> int:
@@ -35,6 +38,7 @@ def start(port: int, env: dict | None = None, log=None) -> subprocess.Popen:
     """`bentoml serve` on 127.0.0.1:`port`, in its own process group (the API and the model service)."""
     bentoml = Path(sys.executable).parent / "bentoml"
     cmd = [str(bentoml), "serve", SERVICE, "--host", "127.0.0.1", "--port", str(port)]
+    cmd += ["--timeout-graceful-shutdown", str(GRACEFUL_SHUTDOWN_S)]
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 

@@ -56,3 +56,22 @@ def test_an_interrupted_import_is_refused_by_the_service_and_replaced_by_the_nex
     assert stored.read_bytes() == whole
     third = package()
     assert third.returncode == 0 and "in the store already, complete" in third.stderr  # nothing deleted
+
+
+def test_the_import_is_staged_under_the_store_and_a_killed_runs_leftover_is_removed(tmp_path):
+    """BentoML stages an import in tempfile.mkdtemp and removes it only at a normal exit: a killed package left
+    600 MB in /tmp for good. It is staged under the store now, where the next package finds and removes it."""
+    onnx_dir = write_tiny_onnx(tmp_path / "onnx")
+    (tmp_path / "metrics").mkdir()
+    store, tmp = tmp_path / "store", tmp_path / "tmp"
+    tmp.mkdir()
+    left = store / "tmp" / "package" / "bentoml-model-dogs-vs-cats-k1ll3d"  # as a SIGKILLed import leaves it
+    left.mkdir(parents=True)
+    (left / "model.onnx.data").write_bytes(bytes(4096))
+    env = {**tool_env(), "BENTOML_HOME": str(store), "TMPDIR": str(tmp)}
+    cmd = [str(BIN / "python"), "-m", "pipeline.package", "--onnx", str(onnx_dir)]
+    cmd += ["--metrics", str(tmp_path / "metrics"), "--out", str(tmp_path / "record.json")]
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "left by an interrupted package" in done.stderr and not left.exists()
+    assert not list(tmp.glob("bentoml-model-*")) and not list((store / "tmp" / "package").iterdir())  # none left
