@@ -46,9 +46,10 @@ from pipeline.model import (  # noqa: E402
     frozen_part,
     param_groups,
     preprocessing,
+    set_train_mode,
     to_device,
 )
-from pipeline.train import ArrayDataset, set_train_mode, train_one_epoch  # noqa: E402
+from pipeline.train import ArrayDataset, train_one_epoch  # noqa: E402
 
 
 def timed(fn, seconds: float, warmup: int, device: torch.device) -> tuple[float, int]:
@@ -81,7 +82,7 @@ def train_step(finetune: str, size: int, device: torch.device):
     def step(batch: int) -> int:
         if not data or len(data[0][1]) != batch:
             data[:] = [(torch.randn(batch, 3, size, size), torch.randint(0, 2, (batch,)))]
-        set_train_mode(model, finetune)
+        set_train_mode(model, "vgg16", finetune)
         train_one_epoch(model, data, opt, sched, device, desc=finetune)
         return batch
 
