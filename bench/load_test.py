@@ -43,7 +43,7 @@ sys.path.insert(0, str(ROOT))  # run as a script from the project root
 
 from pipeline.config import ConfigError, ServeParams, from_dict  # noqa: E402
 from pipeline.data import atomic_write_text, open_model, read_metadata  # noqa: E402
-from serving.smoke import free_port, start, stop, wait_ready  # noqa: E402
+from serving.smoke import api_worker, free_port, proc_status, start, stop, wait_ready  # noqa: E402
 
 PHOTOS = ROOT.parent / "shared" / "data" / "real-photos-200px"
 BATCH_METRIC = re.compile(r'^bentoml_service_adaptive_batch_size_(sum|count)\{[^}]*method_name="predict"[^}]*\} (\S+)$')
@@ -68,27 +68,6 @@ def batch_totals(url: str) -> tuple[float, float]:
         if m:
             totals[m.group(1)] += float(m.group(2))
     return totals["sum"], totals["count"]
-
-
-def api_worker(server_pid: int) -> int:
-    """The pid of the API service's worker: the child of `bentoml serve` started with --service-name DogsVsCats."""
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-            cmdline = (stat.parent / "cmdline").read_bytes()
-        except (FileNotFoundError, ProcessLookupError):  # a process that ended while we looked
-            continue
-        if ppid == server_pid and b"--service-name\0DogsVsCats\0" in cmdline:
-            return int(stat.parent.name)
-    raise RuntimeError(f"no DogsVsCats worker under pid {server_pid}")
-
-
-def proc_status(pid: int, key: str) -> int:
-    """A VmRSS/VmHWM line of /proc/PID/status, in bytes."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) * 1024
-    raise KeyError(f"{key} not in /proc/{pid}/status")
 
 
 def idle_ms(url: str, photo: Path, n: int = 3) -> float:

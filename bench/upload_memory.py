@@ -37,10 +37,10 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from the project root
 
-from load_test import api_worker, import_model, proc_status  # noqa: E402
+from load_test import import_model  # noqa: E402
 
 from pipeline.data import atomic_write_text  # noqa: E402
-from serving.smoke import free_port, start, stop, wait_ready  # noqa: E402
+from serving.smoke import api_worker, free_port, proc_status, start, stop, wait_ready  # noqa: E402
 
 MIB = 1 << 20
 BOUNDARY = "b0undary"

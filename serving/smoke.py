@@ -71,6 +71,27 @@ def stop(proc: subprocess.Popen, seconds: float = 60) -> int:
         raise
 
 
+def api_worker(server_pid: int) -> int:
+    """The pid of the API service's worker: the child of `bentoml serve` started with --service-name DogsVsCats."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            cmdline = (stat.parent / "cmdline").read_bytes()
+        except (FileNotFoundError, ProcessLookupError):  # a process that ended while we looked
+            continue
+        if ppid == server_pid and b"--service-name\0DogsVsCats\0" in cmdline:
+            return int(stat.parent.name)
+    raise RuntimeError(f"no DogsVsCats worker under pid {server_pid}")
+
+
+def proc_status(pid: int, key: str) -> int:
+    """A VmRSS/VmHWM line of /proc/PID/status, in bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(f"{key} not in /proc/{pid}/status")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description="Serve the model, classify one photo over HTTP, stop.")
     parser.add_argument("image", type=Path)

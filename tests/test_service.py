@@ -27,7 +27,7 @@ from pipeline.config import ServeParams, load_params
 from pipeline.data import open_model, read_metadata
 from pipeline.predict import load_input, run_model
 from serving.service import BadUpload, DogsVsCats, FormCheck, upload_limits
-from serving.smoke import free_port, start, stop, wait_ready
+from serving.smoke import api_worker, free_port, proc_status, start, stop, wait_ready
 from tests.conftest import MAX_BYTES, MAX_PIXELS, ROOT, run
 
 
@@ -421,23 +421,6 @@ def raw_post(url: str, path: str, content_type: str, pieces, length: int | None 
         return status, body, time.monotonic() - t0
 
 
-def api_worker(server_pid: int) -> int:
-    """The pid of the served API worker: the child of `bentoml serve` with --service-name DogsVsCats."""
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-            cmdline = (stat.parent / "cmdline").read_bytes()
-        except (FileNotFoundError, ProcessLookupError):  # a process that ended while we looked
-            continue
-        if ppid == server_pid and b"--service-name\0DogsVsCats\0" in cmdline:
-            return int(stat.parent.name)
-    raise RuntimeError(f"no DogsVsCats worker under pid {server_pid}")
-
-
-def vm_kb(pid: int, key: str) -> int:
-    return next(int(line.split()[1]) for line in open(f"/proc/{pid}/status") if line.startswith(key + ":"))
-
-
 def random_parts(field: str, parts: int, size: int) -> list[bytes]:
     block = os.urandom(size)
     return [form_part(field, block, f"{i}.jpg") for i in range(parts)] + [END]
@@ -458,7 +441,7 @@ def test_oversized_uploads_are_refused_before_they_are_read_and_memory_stays_fla
     url, pid = served["url"], api_worker(served["proc"].pid)
     ctype = "multipart/form-data; boundary=AAA"
     Path(f"/proc/{pid}/clear_refs").write_text("5")  # VmHWM := VmRSS: the peak from here on
-    rss0 = vm_kb(pid, "VmRSS")
+    rss0 = proc_status(pid, "VmRSS")
     # a declared length over the limit: 413 before a byte of the body is sent
     status, answer, seconds = raw_post(url, "/classify_batch", ctype, [], length=400 << 20)
     assert status == 413 and "over" in answer["error"] and seconds < 5
@@ -473,7 +456,7 @@ def test_oversized_uploads_are_refused_before_they_are_read_and_memory_stays_fla
     statuses = [status for status, _, _ in answers]
     assert set(statuses) <= {400, 503} and 503 in statuses, statuses
     assert all(seconds < 30 for _, _, seconds in answers)
-    peak_mb = (vm_kb(pid, "VmHWM") - rss0) / 1024
+    peak_mb = (proc_status(pid, "VmHWM") - rss0) / 2**20
     # 16 x 9.6 MB: the guard that buffered bodies in memory raised this worker's peak by ~600 MB
     assert peak_mb < 100, f"the API worker's peak RSS rose by {peak_mb:.0f} MB"
     assert post(served, {"image": ("a.jpg", valid_images(served)[0].read_bytes())}).status_code == 200
