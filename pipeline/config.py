@@ -8,6 +8,7 @@ params.yaml (or in `dvc exp run -S ...`) fails the stage at once instead of bein
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass
@@ -62,10 +63,7 @@ class PrepareParams:
 
 def load_params(cls: type, section: str, path: str | Path = PARAMS_FILE):
     """Read `section` of the YAML file at `path` into the dataclass `cls`."""
-    path = Path(path)
-    if not path.exists():
-        raise ConfigError(f"{path} not found: run the stage from the project root")
-    data = yaml.safe_load(path.read_text()) or {}
+    data = _load(path)
     if section not in data:
         raise ConfigError(f"{path}: section '{section}' is missing")
     return from_dict(cls, data[section], section)
@@ -197,8 +195,15 @@ class PredictParams:
 
 
 @dataclass(frozen=True)
+class BlendParams:
+    method: Literal["mean", "fit"]  # mean of the members' logits, or weights fitted on validation (>= 0, sum 1)
+    folds: int  # the fitted weights' gain is also measured out of sample, by this many folds of validation
+
+
+@dataclass(frozen=True)
 class PackageParams:
     model_name: str  # name in the BentoML model store (`bentoml models list`)
+    member: str  # the member served: "best" (lowest validation log loss after calibration) or a member's name
 
 
 @dataclass(frozen=True)
@@ -212,3 +217,56 @@ class ServeParams:
     variant: Literal["auto", "fp32", "int8", "fp16"]  # auto: fp16 on CUDA, int8 on CPU, if they passed export
     threads: int  # ONNX Runtime intra-op threads of each model worker; 0 = one per core
     workers: int  # model service processes, each with its own copy of the model and its own batches
+
+
+# ---------------------------------------------------------------------------------------------------
+# members: the models trained, each the train section with its own overrides
+
+MEMBER_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,39}")
+RESERVED_MEMBERS = {"blend", "onnx"}  # blend: the blend's row in the metrics; onnx: a folder under models/
+
+
+def member_names(path: str | Path = PARAMS_FILE) -> list[str]:
+    """The members of params.yaml, in their order; each name must be usable as a folder name."""
+    return list(_members(path))
+
+
+def load_member(name: str | None, path: str | Path = PARAMS_FILE) -> TrainParams:
+    """`members.<name>`'s overrides on top of the train section (`name` None: the train section alone)."""
+    data = _load(path)
+    if "train" not in data:
+        raise ConfigError(f"{path}: section 'train' is missing")
+    train = data["train"]
+    if name is not None:
+        members = _members(path)
+        if name not in members:
+            raise ConfigError(f"{path}: no member '{name}' in members (there are: {', '.join(members)})")
+        if not isinstance(train, dict):
+            raise ConfigError(f"train: expected a mapping, got {type(train).__name__}")
+        unknown = sorted(set(members[name]) - {f.name for f in dataclasses.fields(TrainParams)})
+        if unknown:
+            raise ConfigError(f"members.{name}: unknown key(s) {', '.join(unknown)}: a member overrides train's keys")
+        train = {**train, **members[name]}
+    return from_dict(TrainParams, train, "train" if name is None else f"train + members.{name}")
+
+
+def _load(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path} not found: run the stage from the project root")
+    return yaml.safe_load(path.read_text()) or {}
+
+
+def _members(path: str | Path) -> dict[str, dict]:
+    members = _load(path).get("members")
+    if not isinstance(members, dict) or not members:
+        raise ConfigError(f"{path}: 'members' must map each model's name to its overrides of train, e.g. lite0: {{}}")
+    for name, overrides in members.items():
+        if not isinstance(name, str) or not MEMBER_NAME.fullmatch(name) or name in RESERVED_MEMBERS:
+            raise ConfigError(
+                f"members: {name!r} is not a usable name: lower-case letters, digits, _ and -, at most 40, "
+                f"not {' or '.join(sorted(RESERVED_MEMBERS))}"
+            )
+        if not isinstance(overrides, dict):
+            raise ConfigError(f"members.{name}: expected a mapping of train keys (or {{}}), got {overrides!r}")
+    return members

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import logging
 import os
@@ -121,12 +122,32 @@ def evaluate(probs: np.ndarray, logits: np.ndarray, y: np.ndarray, p: EvaluatePa
     return metrics, curve
 
 
+def write_predictions(path: Path, paths: list[str], labels: np.ndarray, z: np.ndarray) -> None:
+    """`path,label,logit` per validation image (label 1 = dog; logit = z_dog - z_cat, as predict computes it,
+    written exactly): what `blend` combines across members."""
+    rows = [(name, int(t), repr(float(v))) for name, t, v in zip(paths, labels, z, strict=True)]
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\n").writerows([("path", "label", "logit"), *rows])
+    atomic_write_text(path, buf.getvalue())
+
+
+def read_predictions(path: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """(paths, labels, logits) as `write_predictions` wrote them."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows or set(rows[0]) != {"path", "label", "logit"}:
+        raise ValueError(f"{path}: expected the columns path,label,logit and at least one row")
+    labels = np.array([int(r["label"]) for r in rows])
+    return [r["path"] for r in rows], labels, np.array([float(r["logit"]) for r in rows])
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description="Evaluate the model on the validation set.")
     parser.add_argument("--data", type=Path, required=True)
     parser.add_argument("--model", type=Path, required=True)
     parser.add_argument("--metrics", type=Path, required=True)
     parser.add_argument("--plots", type=Path, required=True, help="folder for the plot files")
+    parser.add_argument("--predictions", type=Path, help="CSV of each validation image's logit, for the blend")
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -161,6 +182,11 @@ def main(argv=None) -> None:
         pick = order[: p.show_images]
         captions = [f"{Path(paths[i]).name}\nis {names[y[i]]}, P(dog)={probs[i, 1]:.3f}" for i in pick]
         image_grid([paths[i] for i in pick], captions).save(args.plots / f"{name}.png")
+    if args.predictions is not None:
+        dog = meta["classes"].index("dogs")
+        z = logits[:, dog] - logits[:, 1 - dog]
+        labels = (y == dog).astype(int)
+        write_predictions(args.predictions, [os.path.relpath(path, args.data) for path in paths], labels, z)
     atomic_write_text(args.metrics, json.dumps(metrics, indent=2) + "\n")
     if metrics["clip_at_max"]:
         log.warning(

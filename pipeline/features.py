@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader
 from torchvision.datasets import ImageFolder
 from tqdm import tqdm
 
-from pipeline.config import FeaturesParams, TrainParams, load_params
+from pipeline.config import FeaturesParams, TrainParams, load_member, load_params
 from pipeline.model import (
     CLASSES,
     WeightsError,
@@ -149,10 +149,11 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description="Cache the frozen layers' activations.")
     parser.add_argument("--data", type=Path, required=True, help="data/prepared")
     parser.add_argument("--out", type=Path, required=True, help="data/features")
+    parser.add_argument("--member", help="params.yaml members.<name>: its overrides of train (none: train alone)")
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    p = load_params(TrainParams, "train", args.params)
+    p = load_member(args.member, args.params)
     fp = load_params(FeaturesParams, "features", args.params)
     if not (args.data / "manifest.csv").exists():
         raise SystemExit(f"{args.data}/manifest.csv not found: run 'dvc repro prepare' first")

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.config import LrFindParams, TrainParams, load_params
+from pipeline.config import LrFindParams, load_member, load_params
 from pipeline.data import atomic_write_text
 from pipeline.features import cache_cut, load_cache
 from pipeline.model import (
@@ -95,10 +95,11 @@ def main(argv=None) -> None:
     parser.add_argument("--features", type=Path, required=True, help="data/features (stage features)")
     parser.add_argument("--out", type=Path, required=True, help="folder for the plot file")
     parser.add_argument("--metrics", type=Path, required=True)
+    parser.add_argument("--member", help="params.yaml members.<name>: its overrides of train (none: train alone)")
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    p = load_params(TrainParams, "train", args.params)
+    p = load_member(args.member, args.params)
     lp = load_params(LrFindParams, "lr_find", args.params)
     device = pick_device(p.device)
     model = fresh_model(p, device)

@@ -1,7 +1,12 @@
-"""Stage `package`: import models/onnx/ into the BentoML model store, for `serving/service.py`.
+"""Stage `package`: import one member's ONNX folder into the BentoML model store, for `serving/service.py`.
 
-`python -m pipeline.package --onnx models/onnx --metrics metrics --out models/bentoml-model.json`
-(run by `dvc repro package`). The store is `$BENTOML_HOME/models` (default `~/bentoml`); afterwards
+`python -m pipeline.package --onnx models/onnx --metrics metrics/members --blend metrics/blend.json --out
+models/bentoml-model.json` (run by `dvc repro package`): the member is `package.member`, or with `best` the
+member with the lowest calibrated validation log loss in metrics/blend.json; its folders are
+`<onnx>/<member>` and `<metrics>/<member>`. Without `--blend`, `--onnx` and `--metrics` are the model's own
+folders. The service serves one model: a blend of several would multiply its latency on a CPU.
+
+The store is `$BENTOML_HOME/models` (default `~/bentoml`); afterwards
 `bentoml models list` shows `dogs-vs-cats:<version>`, where the version is a hash of the ONNX files,
 so one model version is one pipeline output. The model's metadata carries the validation and export
 metrics, the training params and the ONNX contract; the service and its page read them from there.
@@ -25,7 +30,7 @@ from pathlib import Path
 import bentoml
 from bentoml.exceptions import NotFound
 
-from pipeline.config import FetchParams, PackageParams, TrainParams, load_params
+from pipeline.config import FetchParams, PackageParams, TrainParams, load_member, load_params
 from pipeline.data import MODEL_FILE, atomic_write_text, read_metadata
 
 log = logging.getLogger("package")
@@ -113,16 +118,37 @@ def own_staging(name: str) -> Path:
     return staging
 
 
+def choose_member(setting: str, blend: Path) -> str:
+    """The member to serve: `setting` by name, or with "best" the best member on validation as blend recorded it."""
+    if not blend.exists():
+        raise SystemExit(f"{blend} not found: run 'dvc repro blend'")
+    chosen = json.loads(blend.read_text())
+    members = chosen.get("members") or {}
+    if setting == "best":
+        if "best_member" not in chosen:
+            raise SystemExit(f"{blend} names no best member: run 'dvc repro blend' again")
+        return chosen["best_member"]
+    if setting not in members:
+        raise SystemExit(f"package.member {setting!r} is not a member (members: {', '.join(members)}), nor 'best'")
+    return setting
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description="Import the ONNX model into the BentoML model store.")
     parser.add_argument("--onnx", type=Path, required=True)
     parser.add_argument("--metrics", type=Path, required=True, help="folder of the stages' metrics files")
     parser.add_argument("--out", type=Path, required=True, help="a JSON record of the tag, for DVC")
+    parser.add_argument("--blend", type=Path, help="metrics/blend.json: --onnx and --metrics hold one folder a member")
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     p = load_params(PackageParams, "package", args.params)
-    train = load_params(TrainParams, "train", args.params)
+    member = None
+    if args.blend is not None:
+        member = choose_member(p.member, args.blend)
+        args.onnx, args.metrics = args.onnx / member, args.metrics / member
+        log.info("serving member %s (package.member: %s)", member, p.member)
+    train = load_member(member, args.params)
     source = load_params(FetchParams, "fetch", args.params).source
     if not (args.onnx / MODEL_FILE).exists():
         raise SystemExit(f"{args.onnx / MODEL_FILE} not found: run 'dvc repro export' first")
@@ -130,6 +156,7 @@ def main(argv=None) -> None:
         "data": source if source in ("kaggle", "demo") else "local",
         "weights": train.weights,
         "finetune": train.finetune,
+        **({"member": member} if member else {}),
     }
     # SIGTERM (dvc's, a CI's) ends the stage like Ctrl-C: BentoML's cleanup of its staging folder runs
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))

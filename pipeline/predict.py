@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from scipy.special import expit
 from sklearn.metrics import log_loss
 from tqdm import tqdm
 
@@ -54,12 +55,12 @@ UNREADABLE_P = 0.5  # an image we cannot see: P = 0.5 costs log 2, the least whe
 
 def resolve_calibration(setting: str | float, evaluate_metrics: Path) -> tuple[float | None, float]:
     """(temperature or None, clip) from predict.clip: a number is that fixed clip alone; "evaluate" is what
-    evaluate chose on the validation set: its temperature and the clip searched on top of it when the
-    temperature beat the clip alone there, else the clip alone."""
+    evaluate (or blend, for the blend) chose on the validation set, as `evaluate_metrics` records it: its
+    temperature and the clip searched on top of it when the temperature beat the clip alone there, else the clip."""
     temperature = None
     if setting == "evaluate":
         if not evaluate_metrics.exists():
-            raise SystemExit(f"{evaluate_metrics} not found: run 'dvc repro evaluate', or set predict.clip to a number")
+            raise SystemExit(f"{evaluate_metrics} not found: run 'dvc repro', or set predict.clip to a number")
         chosen = json.loads(evaluate_metrics.read_text())
         if chosen.get("calibration") == "temperature":
             temperature, clip = chosen["temperature"], chosen["temperature_clip"]
@@ -70,7 +71,7 @@ def resolve_calibration(setting: str | float, evaluate_metrics: Path) -> tuple[f
     if not 0 <= clip < 0.5:
         raise SystemExit(f"clip {clip} is outside [0, 0.5): P(dog) would be clipped to an empty range")
     if temperature is not None and not temperature > 0:
-        raise SystemExit(f"temperature {temperature} in {evaluate_metrics} is not positive: run 'dvc repro evaluate'")
+        raise SystemExit(f"temperature {temperature} in {evaluate_metrics} is not positive: run 'dvc repro' again")
     return temperature, float(clip)
 
 
@@ -118,18 +119,22 @@ def decoded_batches(items: list, load, batch_size: int, pool: ThreadPoolExecutor
         yield batch, [f.result() for f in futures]
 
 
-def run_model(session, meta: dict, x: np.ndarray, tta: bool, temperature: float | None = None) -> np.ndarray:
-    """P(dog) for a batch x (N, 3, H, W), temperature-scaled if given; with `tta`, from the mean of the image's
-    and its mirror's logits (as evaluate computes the validation set's, so its calibration fits)."""
+def member_logits(session, meta: dict, x: np.ndarray, tta: bool) -> np.ndarray:
+    """z_dog - z_cat (float64) for a batch x (N, 3, H, W); with `tta`, the mean of the image's and its mirror's
+    (as evaluate computes the validation set's, so the calibration and the blend fitted there fit)."""
     if tta:
         x = np.concatenate([x, x[..., ::-1]])  # one call: the mirrors fill the same batch
     probs = session.run([meta["output_name"]], {meta["input_name"]: x})[0]  # (N or 2N, 2)
-    dog = meta["classes"].index("dogs")
-    if not tta:
-        return probs[:, dog] if temperature is None else scale_temperature(probs, dog, temperature)
-    z = logit_difference(probs, dog)
-    z = (z[: len(z) // 2] + z[len(z) // 2 :]) / 2
-    return 1 / (1 + np.exp(-z / (temperature or 1.0)))
+    z = logit_difference(probs, meta["classes"].index("dogs"))
+    return (z[: len(z) // 2] + z[len(z) // 2 :]) / 2 if tta else z
+
+
+def run_model(session, meta: dict, x: np.ndarray, tta: bool, temperature: float | None = None) -> np.ndarray:
+    """P(dog) for a batch x (N, 3, H, W), temperature-scaled if given (the service's single model)."""
+    if not tta and temperature is None:
+        probs = session.run([meta["output_name"]], {meta["input_name"]: x})[0]
+        return probs[:, meta["classes"].index("dogs")]
+    return expit(member_logits(session, meta, x, tta) / (temperature or 1.0))
 
 
 def build_submission(ids: np.ndarray, p_dog: np.ndarray, clip: float) -> pd.DataFrame:
@@ -149,37 +154,35 @@ def score(df: pd.DataFrame, labels_path: Path) -> dict:
     return {"accuracy": float(np.mean((p > 0.5) == (y == 1))), "log_loss": float(log_loss(y, p, labels=[0, 1]))}
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description="Predict the test set and write the Kaggle submission.")
-    parser.add_argument("--onnx", type=Path, required=True, help="the ONNX folder written by export")
-    parser.add_argument("--data", type=Path, required=True, help="data/prepared")
-    parser.add_argument("--evaluate", type=Path, required=True, help="metrics/evaluate.json: the clip")
-    parser.add_argument("--labels", type=Path, help="hidden test labels (the demo's): score the submission")
-    parser.add_argument("--submission", type=Path, required=True)
-    parser.add_argument("--metrics", type=Path, required=True)
-    parser.add_argument("--params", default="params.yaml")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    p = load_params(PredictParams, "predict", args.params)
+def read_blend(path: Path) -> tuple[dict[str, float], dict]:
+    """({member: weight}, the blend's metrics) from metrics/blend.json."""
+    if not path.exists():
+        raise SystemExit(f"{path} not found: run 'dvc repro blend'")
+    chosen = json.loads(path.read_text())
+    weights = chosen.get("weights")
+    if not isinstance(weights, dict) or not weights or not all(isinstance(w, int | float) for w in weights.values()):
+        raise SystemExit(f"{path} has no member weights: run 'dvc repro blend' again")
+    return {str(m): float(w) for m, w in weights.items()}, chosen
+
+
+def open_member(onnx_dir: Path, p: PredictParams) -> tuple[object, dict, dict]:
+    """(ONNX Runtime session, model metadata, {provider, variant}) of one member's ONNX folder."""
     try:
-        meta = read_metadata(args.onnx)
-        session, provider, variant = open_model(args.onnx, p.provider, p.variant, cpu_variant="fp32")
+        meta = read_metadata(onnx_dir)
+        session, provider, variant = open_model(onnx_dir, p.provider, p.variant, cpu_variant="fp32")
     except ModelError as e:
         raise SystemExit(f"predict failed: {e}") from None
     if meta["layout"] != "NCHW" or "dogs" not in meta["classes"]:
-        raise SystemExit(f"{args.onnx}: layout {meta['layout']}, classes {meta['classes']}: expected NCHW with 'dogs'")
-    log.info("ONNX Runtime: variant %s on %s (session providers %s)", variant, provider, session.get_providers())
-    temperature, clip = resolve_calibration(p.clip, args.evaluate)
-    log.info("calibration: %s, clip %.4f", "none" if temperature is None else f"temperature {temperature:.3f}", clip)
-    try:
-        ids = read_sample_ids(args.data / "sample_submission.csv").tolist()
-    except SubmissionError as e:
-        raise SystemExit(f"predict failed: {e}") from None
+        raise SystemExit(f"{onnx_dir}: layout {meta['layout']}, classes {meta['classes']}: expected NCHW with 'dogs'")
+    log.info("%s: variant %s on %s (session providers %s)", onnx_dir, variant, provider, session.get_providers())
+    return session, meta, {"provider": provider, "variant": variant}
 
-    # which ids have an image to predict; the others are unreadable, with the reason
-    test_dir = args.data / "test" / "unknown"
+
+def test_images(data: Path, ids: list[int]) -> tuple[dict[int, Path], dict[int, str]]:
+    """({id: image} to predict, {id: why it cannot be}) for the sample submission's ids."""
+    test_dir = data / "test" / "unknown"
     on_disk = {int(f.stem): f for f in test_dir.glob("*.jpg") if f.stem.isdigit()}
-    rejected = rejected_by_prepare(args.data)
+    rejected = rejected_by_prepare(data)
     unreadable = {
         i: f"rejected by prepare: {rejected[i]}" if i in rejected else f"no image {test_dir}/{i}.jpg"
         for i in ids
@@ -188,43 +191,93 @@ def main(argv=None) -> None:
     extra = sorted(set(on_disk) - set(ids))
     if extra:
         log.warning("%d test images not in the sample submission, not predicted: %s", len(extra), extra[:10])
-    todo = [i for i in ids if i in on_disk]
+    return {i: on_disk[i] for i in ids if i in on_disk}, unreadable
 
-    # decode threads: Pillow releases the GIL while decoding and resizing, so threads run in parallel
-    # without pickling each (3, H, W) array back from a process, and ONNX Runtime's own threads share the cores
-    p_dog: dict[int, float] = {}
-    load = lambda i: load_input(on_disk[i], meta, p.max_pixels)  # noqa: E731
-    t0 = time.perf_counter()
+
+def predict_member(session, meta: dict, images: dict[int, Path], p: PredictParams) -> tuple[dict, dict]:
+    """({id: logit}, {id: why unreadable}) of one member over the test images. Decode threads: Pillow releases the
+    GIL while decoding and resizing, so threads run in parallel without pickling each (3, H, W) array back from a
+    process, and ONNX Runtime's own threads share the cores."""
+    z: dict[int, float] = {}
+    unreadable: dict[int, str] = {}
+    todo = list(images)
+    load = lambda i: load_input(images[i], meta, p.max_pixels)  # noqa: E731
     with ThreadPoolExecutor(p.workers or os.cpu_count() or 1) as pool:
         batches = decoded_batches(todo, load, p.batch_size, pool)
         for batch, results in tqdm(batches, desc="predict", total=-(-len(todo) // p.batch_size), mininterval=2):
             good = {i: x for i, x in zip(batch, results, strict=True) if not isinstance(x, ImageError)}
             unreadable.update((i, str(x)) for i, x in zip(batch, results, strict=True) if isinstance(x, ImageError))
             if good:
-                probs = run_model(session, meta, np.stack(list(good.values())), p.tta, temperature)
-                p_dog.update(zip(good, probs, strict=True))
-    seconds = time.perf_counter() - t0
-    if len(unreadable) == len(ids):
-        raise SystemExit(f"none of the {len(ids)} test images could be read: run 'dvc repro prepare' again")
-    for i, reason in sorted(unreadable.items()):
-        log.warning("test image %d unreadable, predicted %.1f: %s", i, UNREADABLE_P, reason)
-        p_dog[i] = UNREADABLE_P
+                z.update(zip(good, member_logits(session, meta, np.stack(list(good.values())), p.tta), strict=True))
+    return z, unreadable
 
-    df = build_submission(np.array(ids), np.array([p_dog[i] for i in ids]), clip)
+
+def write_submission(df: pd.DataFrame, ids: list[int], clip: float, path: Path) -> None:
+    """Validate the submission against the sample's ids, then write it atomically."""
     try:
         validate_submission(df, ids, clip)
     except SubmissionError as e:  # a bug here, never a property of the data: nothing is written
         raise SystemExit(f"predict built an invalid submission, not written: {e}") from None
-    args.submission.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.submission.with_name(f".{args.submission.name}.tmp")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
     df.to_csv(tmp, index=False)
-    os.replace(tmp, args.submission)  # an interrupted run never leaves half a submission
+    os.replace(tmp, path)  # an interrupted run never leaves half a submission
 
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description="Predict the test set and write the Kaggle submission.")
+    parser.add_argument("--onnx", type=Path, required=True, help="models/onnx: one ONNX folder per member")
+    parser.add_argument("--data", type=Path, required=True, help="data/prepared")
+    parser.add_argument("--blend", type=Path, required=True, help="metrics/blend.json: members, weights, calibration")
+    parser.add_argument("--labels", type=Path, help="hidden test labels (the demo's): score the submission")
+    parser.add_argument("--submission", type=Path, required=True)
+    parser.add_argument("--metrics", type=Path, required=True)
+    parser.add_argument("--member-logits", type=Path, help="folder for each member's test logits, <member>.csv")
+    parser.add_argument("--params", default="params.yaml")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    p = load_params(PredictParams, "predict", args.params)
+
+    # 1. the members and the calibration blend chose on validation
+    weights, _ = read_blend(args.blend)
+    members = {m: open_member(args.onnx / m, p) for m in weights}
+    temperature, clip = resolve_calibration(p.clip, args.blend)
+    log.info("calibration: %s, clip %.4f", "none" if temperature is None else f"temperature {temperature:.3f}", clip)
+
+    # 2. the ids (sample_submission.csv is the authority) and their images
+    try:
+        ids = read_sample_ids(args.data / "sample_submission.csv").tolist()
+    except SubmissionError as e:
+        raise SystemExit(f"predict failed: {e}") from None
+    images, unreadable = test_images(args.data, ids)
+
+    # 3. each member's logits, with its own preprocessing; the blend is their weighted sum
+    t0 = time.perf_counter()
+    logits = {}
+    for name, (session, meta, _) in members.items():
+        logits[name], bad = predict_member(session, meta, images, p)
+        unreadable.update(bad)
+    seconds = time.perf_counter() - t0
+    if len(unreadable) == len(ids):
+        raise SystemExit(f"none of the {len(ids)} test images could be read: run 'dvc repro prepare' again")
+    p_dog = {i: float(expit(sum(w * logits[m][i] for m, w in weights.items()) / (temperature or 1.0)))
+             for i in images if i not in unreadable}  # fmt: skip
+    for i, reason in sorted(unreadable.items()):
+        log.warning("test image %d unreadable, predicted %.1f: %s", i, UNREADABLE_P, reason)
+        p_dog[i] = UNREADABLE_P
+
+    if args.member_logits is not None:  # each member's own test predictions, for a look at the members alone
+        for name, z in logits.items():
+            rows = "".join(f"{i},{z[i]!r}\n" for i in sorted(z))
+            atomic_write_text(args.member_logits / f"{name}.csv", "id,logit\n" + rows)
+
+    # 4. the checked submission, and its metrics (scored when the demo's hidden labels are there)
+    df = build_submission(np.array(ids), np.array([p_dog[i] for i in ids]), clip)
+    write_submission(df, ids, clip, args.submission)
     metrics = {
         "n": len(df),
-        "provider": provider,
-        "variant": variant,
-        "images_per_second": round(len(todo) / seconds, 1) if todo else 0.0,
+        "members": {m: {**info, "weight": weights[m]} for m, (_, _, info) in members.items()},
+        "images_per_second": round(len(images) / seconds, 1) if images else 0.0,
         "tta": p.tta,
         "temperature": temperature,  # None: the clip alone
         "clip": clip,
@@ -240,14 +293,9 @@ def main(argv=None) -> None:
         log.info("%s not found (only the demo data has test labels): the submission is not scored", args.labels)
     atomic_write_text(args.metrics, json.dumps(metrics, indent=2) + "\n")
     log.info(
-        "wrote %s: %d rows, clip %.4f, %d unreadable; %.1f images/s on %s",
-        args.submission,
-        len(df),
-        clip,
-        len(unreadable),
-        metrics["images_per_second"],
-        provider,
-    )
+        "wrote %s: %d rows, %d member(s), clip %.4f, %d unreadable; %.1f images/s",
+        args.submission, len(df), len(members), clip, len(unreadable), metrics["images_per_second"],
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

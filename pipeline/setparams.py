@@ -26,6 +26,7 @@ SECTIONS = {
     "evaluate": config.EvaluateParams,
     "export": config.ExportParams,
     "predict": config.PredictParams,
+    "blend": config.BlendParams,
     "package": config.PackageParams,
     "serve": config.ServeParams,
 }
@@ -54,6 +55,8 @@ def set_params(path: Path, assignments: list[str]) -> list[str]:
         rt.dump(data, f)
     for section, cls in SECTIONS.items():  # the result must still load into the typed config
         config.load_params(cls, section, path)
+    for member in config.member_names(path):
+        config.load_member(member, path)
     return changed
 
 

@@ -42,7 +42,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets import ImageFolder
 from tqdm import tqdm
 
-from pipeline.config import TrainParams, load_params
+from pipeline.config import TrainParams, load_member
 from pipeline.features import load_cache
 from pipeline.model import (
     CLASSES,
@@ -219,10 +219,11 @@ def main(argv=None) -> None:
     parser.add_argument("--model", type=Path, required=True, help="the final model file")
     parser.add_argument("--checkpoint", type=Path, required=True, help="per-epoch checkpoint, for resuming")
     parser.add_argument("--live", type=Path, required=True, help="DVCLive folder")
+    parser.add_argument("--member", help="params.yaml members.<name>: its overrides of train (none: train alone)")
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    p = load_params(TrainParams, "train", args.params)
+    p = load_member(args.member, args.params)
     if not (args.data / "manifest.csv").exists():
         raise SystemExit(f"{args.data}/manifest.csv not found: run 'dvc repro prepare' first")
 

@@ -1,6 +1,16 @@
 import pytest
+import yaml
 
-from pipeline.config import ConfigError, FetchParams, PrepareParams, from_dict, load_params
+from pipeline.config import (
+    ConfigError,
+    FetchParams,
+    PrepareParams,
+    TrainParams,
+    from_dict,
+    load_member,
+    load_params,
+    member_names,
+)
 from tests.conftest import ROOT
 
 
@@ -75,3 +85,37 @@ def test_set_params_keeps_comments_and_refuses_unknown_keys_and_wrong_types(tmp_
         set_params(path, ["train.nope=1"])
     with pytest.raises(ConfigError, match="train.epochs: expected int"):
         set_params(path, ["train.epochs=many"])
+
+
+def test_a_member_is_the_train_section_with_its_overrides(tmp_path):
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["members"] = {"lite0": {"arch": "efficientnet_lite0", "lr": 0.0005}, "plain": {}}
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    assert member_names(path) == ["lite0", "plain"]
+    lite0 = load_member("lite0", path)
+    assert (lite0.arch, lite0.lr, lite0.epochs) == ("efficientnet_lite0", 0.0005, params["train"]["epochs"])
+    assert load_member("plain", path) == load_member(None, path) == load_params(TrainParams, "train", path)
+    with pytest.raises(ConfigError, match=r"no member 'lite9' in members \(there are: lite0, plain\)"):
+        load_member("lite9", path)
+
+
+@pytest.mark.parametrize(
+    "members, message",
+    [
+        ({"a": {"lrr": 0.1}}, r"members.a: unknown key\(s\) lrr: a member overrides train's keys"),
+        ({"a": {"lr": "fast"}}, r"train \+ members.a.lr: expected float"),
+        ({"A b": {}}, r"'A b' is not a usable name"),
+        ({"onnx": {}}, r"'onnx' is not a usable name"),
+        ({"a": ["lr"]}, r"members.a: expected a mapping"),
+        ({}, r"'members' must map each model's name"),
+    ],
+)
+def test_a_wrong_member_is_a_clear_error(tmp_path, members, message):
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["members"] = members
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    with pytest.raises(ConfigError, match=message):
+        for name in member_names(path):
+            load_member(name, path)

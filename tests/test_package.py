@@ -75,3 +75,37 @@ def test_the_import_is_staged_under_the_store_and_a_killed_runs_leftover_is_remo
     assert done.returncode == 0, done.stderr
     assert "left by an interrupted package" in done.stderr and not left.exists()
     assert not list(tmp.glob("bentoml-model-*")) and not list((store / "tmp" / "package").iterdir())  # none left
+
+
+def test_the_served_member_is_the_best_on_validation_or_the_one_named(tmp_path):
+    from pipeline.package import choose_member
+
+    blend = tmp_path / "blend.json"
+    blend.write_text(json.dumps({"members": {"lite0": {}, "lite1": {}}, "best_member": "lite1"}))
+    assert choose_member("best", blend) == "lite1"
+    assert choose_member("lite0", blend) == "lite0"
+    with pytest.raises(SystemExit, match=r"package.member 'lite7' is not a member \(members: lite0, lite1\)"):
+        choose_member("lite7", blend)
+    with pytest.raises(SystemExit, match=r"run 'dvc repro blend'"):
+        choose_member("best", tmp_path / "missing.json")
+
+
+@pytest.mark.slow
+def test_package_with_the_blend_imports_the_chosen_members_folder_and_labels_it(tmp_path):
+    for name, size in (("a", 16), ("b", 24)):
+        write_tiny_onnx(tmp_path / "onnx" / name, image_size=size)
+        (tmp_path / "metrics" / name).mkdir(parents=True)
+        (tmp_path / "metrics" / name / "evaluate.json").write_text(json.dumps({"accuracy": 0.5, "member": name}))
+    (tmp_path / "blend.json").write_text(json.dumps({"members": {"a": {}, "b": {}}, "best_member": "b"}))
+    params = (ROOT / "params.yaml").read_text().replace("  model: {}\n", "  a: {}\n  b: {arch: resnet18}\n")
+    (tmp_path / "params.yaml").write_text(params)
+    env = {**tool_env(), "BENTOML_HOME": str(tmp_path / "store")}
+    cmd = [str(BIN / "python"), "-m", "pipeline.package", "--onnx", str(tmp_path / "onnx"), "--blend"]
+    cmd += [str(tmp_path / "blend.json"), "--metrics", str(tmp_path / "metrics"), "--out", str(tmp_path / "rec.json")]
+    cmd += ["--params", str(tmp_path / "params.yaml")]
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "serving member b (package.member: best)" in done.stderr
+    record = json.loads((tmp_path / "rec.json").read_text())
+    model_yaml = (Path(record["store"]) / Path(*record["tag"].split(":")) / "model.yaml").read_text()
+    assert "member: b" in model_yaml and "arch: resnet18" in model_yaml and "image_size: 24" in model_yaml

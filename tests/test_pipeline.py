@@ -83,15 +83,15 @@ def test_dvc_repro_evaluate(tmp_path):
         },
     )
     log = dvc(project, "repro", "evaluate")
-    assert "Running stage 'train'" in log and "Running stage 'evaluate'" in log
-    metrics = json.loads((project / "metrics" / "evaluate.json").read_text())
+    assert "Running stage 'train@model'" in log and "Running stage 'evaluate@model'" in log
+    metrics = json.loads((project / "metrics" / "members" / "model" / "evaluate.json").read_text())
     assert {"accuracy", "log_loss", "clip", "log_loss_clipped"} <= set(metrics)
     assert metrics["n"] == 12 and 0 <= metrics["accuracy"] <= 1
     assert metrics["log_loss_clipped"] <= metrics["log_loss"] + 1e-12
-    live = json.loads((project / "dvclive" / "metrics.json").read_text())
+    live = json.loads((project / "dvclive" / "model" / "metrics.json").read_text())
     assert {"train_loss", "valid_loss", "valid_accuracy", "valid_log_loss"} <= set(live)
     for name in ("valid_predictions.csv", "clip_curve.csv", "top_losses.png", "most_uncertain.png"):
-        assert (project / "plots" / "evaluate" / name).is_file()
+        assert (project / "plots" / "model" / "evaluate" / name).is_file()
     shown = dvc(project, "metrics", "show")
     assert "evaluate.json" in shown and "valid_accuracy" in shown
     assert "up to date" in dvc(project, "repro", "evaluate")
@@ -99,10 +99,12 @@ def test_dvc_repro_evaluate(tmp_path):
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["train"]["lr"] /= 3
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    before = json.loads((project / "dvclive" / "metrics.json").read_text())
+    before = json.loads((project / "dvclive" / "model" / "metrics.json").read_text())
     again = dvc(project, "repro", "evaluate")
-    assert "Running stage 'train'" in again and "Running stage 'features'" not in again
-    assert json.loads((project / "dvclive" / "metrics.json").read_text()) != before  # trained anew: other weights
+    assert "Running stage 'train@model'" in again and "Running stage 'features@model'" not in again
+    assert (
+        json.loads((project / "dvclive" / "model" / "metrics.json").read_text()) != before
+    )  # trained anew: other weights
 
 
 def test_dvc_repro_predict_makes_a_scored_submission(tmp_path):
@@ -132,11 +134,11 @@ def test_dvc_repro_predict_makes_a_scored_submission(tmp_path):
         },
     )
     log = dvc(project, "repro", "predict")
-    assert "Running stage 'export'" in log and "Running stage 'predict'" in log
+    assert "Running stage 'export@model'" in log and "Running stage 'predict'" in log
     # int8 forced to fail its check (whether it passes depends on the CPU's int8 kernels): the pipeline goes on
-    names = sorted(p.name for p in (project / "models" / "onnx").iterdir())
+    names = sorted(p.name for p in (project / "models" / "onnx" / "model").iterdir())
     assert names == ["model.onnx", "model.onnx.data", "variants.json"]  # fp32 only: the refused int8 not kept
-    exported = json.loads((project / "metrics" / "export.json").read_text())
+    exported = json.loads((project / "metrics" / "members" / "model" / "export.json").read_text())
     assert exported["max_abs_diff"] <= 1e-4 and exported["ir_version"] <= 13 and exported["refused"] == ["int8"]
     assert "the larger of -1.0x and +-1.0" in exported["variants"]["int8"]["reason"]
     assert re.search(r"export kept fp32 and refused int8 \(log loss .*\), so predict and the service use fp32", log)
@@ -148,12 +150,15 @@ def test_dvc_repro_predict_makes_a_scored_submission(tmp_path):
         assert reader.fieldnames == ["id", "label"]
         rows = list(reader)
     assert [int(r["id"]) for r in rows] == expected == list(range(1, 13))
-    chosen = json.loads((project / "metrics" / "evaluate.json").read_text())
+    chosen = json.loads((project / "metrics" / "blend.json").read_text())  # one member: its own calibration
+    member = json.loads((project / "metrics" / "members" / "model" / "evaluate.json").read_text())
+    assert chosen["weights"] == {"model": 1.0} and chosen["best_member"] == "model"
+    assert (chosen["calibration"], chosen["clip"]) == (member["calibration"], member["clip"])
     clip = chosen["temperature_clip" if chosen["calibration"] == "temperature" else "clip"]
     assert all(clip - 1e-12 <= float(r["label"]) <= 1 - clip + 1e-12 for r in rows)
     metrics = json.loads((project / "metrics" / "predict.json").read_text())
     assert metrics["n"] == 12 and metrics["clip"] == clip and metrics["unreadable"] == []
-    assert metrics["variant"] == "fp32"
+    assert metrics["members"]["model"]["variant"] == "fp32"
     assert 0 <= metrics["accuracy"] <= 1 and metrics["log_loss"] > 0  # scored against the demo's test labels
     assert "up to date" in dvc(project, "repro", "predict")
 
@@ -247,14 +252,22 @@ def test_a_failed_make_repro_puts_params_back_and_the_demo_runs_again(tmp_path):
 def test_make_demo_resets_exactly_the_keys_make_repro_and_make_offline_override_to_the_committed_demo_values():
     makefile = (ROOT / "Makefile").read_text()
     values = lambda name: re.search(rf"{name} = (.*?\n(?:\t.*\n)*)", makefile)[1].replace("\\", " ").split()  # noqa: E731
-    demo = dict(a.split("=", 1) for a in values("DEMO_PARAMS"))
+    demo = dict(a.strip("'").split("=", 1) for a in values("DEMO_PARAMS"))
+    one_member = values("ONE_MEMBER")
     kaggle = re.findall(r"([a-z_]+\.[a-z_]+)=", " ".join(values("KAGGLE_PARAMS")))
     offline = re.findall(r"([a-z_]+\.[a-z_]+)=", " ".join(values("OFFLINE_PARAMS")))
-    assert sorted(demo) == sorted(set(kaggle) | set(offline)) and "fetch.source" in kaggle and "train.arch" in offline
+    # each recipe sets the members too (one; the ensemble: three), and the demo puts its one member back
+    assert one_member == ["'~members'", "'+members={model:{}}'"] and "$(ONE_MEMBER)" in values("KAGGLE_PARAMS")
+    assert "$(ONE_MEMBER)" in values("OFFLINE_PARAMS") and "'+members={lite0:" in makefile
+    assert (
+        sorted(demo) == sorted({*kaggle, *offline, "members"}) and "fetch.source" in kaggle and "train.arch" in offline
+    )
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     for key, value in demo.items():
-        section, name = key.split(".")
-        assert params[section][name] == yaml.safe_load(value), key
+        node = params
+        for part in key.split("."):
+            node = node[part]
+        assert node == yaml.safe_load(value), key
 
 
 @pytest.mark.slow
@@ -289,13 +302,13 @@ def test_a_killed_train_restored_from_the_run_cache_leaves_its_own_metrics(tmp_p
     }
     project = make_project(tmp_path / "project", tiny)
     dvc(project, "repro", "train")
-    metrics = project / "dvclive" / "metrics.json"
+    metrics = project / "dvclive" / "model" / "metrics.json"
     before = metrics.read_bytes()
     params = (project / "params.yaml").read_text()
     (project / "params.yaml").write_text(params.replace("epochs: 2", "epochs: 6"))
     proc = subprocess.Popen([str(BIN / "dvc"), "repro", "train"], cwd=project, env=tool_env(), start_new_session=True)
     deadline = time.monotonic() + 300
-    while not (project / "models" / "train-checkpoint.pt").exists() and time.monotonic() < deadline:
+    while not (project / "models" / "model.checkpoint.pt").exists() and time.monotonic() < deadline:
         time.sleep(0.05)
     time.sleep(1)  # DVCLive writes metrics.json after the checkpoint's epoch
     os.killpg(proc.pid, signal.SIGKILL)
@@ -303,7 +316,7 @@ def test_a_killed_train_restored_from_the_run_cache_leaves_its_own_metrics(tmp_p
     assert metrics.read_bytes() != before, "the killed run did not get to write its metrics"
     (project / "params.yaml").write_text(params)
     log = dvc(project, "repro", "train")
-    assert "Running stage 'train'" not in log or "run-cache" in log, log
+    assert "Running stage 'train@model'" not in log or "run-cache" in log, log
     assert metrics.read_bytes() == before
 
 
@@ -344,7 +357,7 @@ def test_dvc_repro_predict_with_the_offline_recipe_on_a_timm_backbone(tmp_path):
     )
     log = dvc(project, "repro", "predict")
     assert "efficientnet_lite0, weights imagenet; head for 2 epochs at lr 0.002 then all for 1 epochs" in log
-    meta = read_metadata(project / "models" / "onnx")
+    meta = read_metadata(project / "models" / "onnx" / "model")
     assert (meta["arch"], meta["image_size"], meta["resize_size"], meta["interpolation"]) == (
         "efficientnet_lite0",
         64,
@@ -352,16 +365,68 @@ def test_dvc_repro_predict_with_the_offline_recipe_on_a_timm_backbone(tmp_path):
         "bicubic",
     )
     assert meta["mean"] == meta["std"] == (0.5, 0.5, 0.5)
-    assert json.loads((project / "metrics" / "evaluate.json").read_text())["tta"] is True
+    assert json.loads((project / "metrics" / "members" / "model" / "evaluate.json").read_text())["tta"] is True
     assert "the valley suggests train.head_lr=" in dvc(project, "repro", "lr_find")  # fine_tune: the head phase's
-    assert json.loads((project / "metrics" / "lr_find.json").read_text())["on"] == "cached activations"
+    assert json.loads((project / "metrics" / "lr_find" / "model.json").read_text())["on"] == "cached activations"
     sub = pd.read_csv(project / "submissions" / "submission.csv")
     assert len(sub) == 6 and sub["label"].between(0, 1).all()
-    # the submission's P(dog) for image 1 is the model's TTA'd one, then the calibration evaluate chose
+    # the submission's P(dog) for image 1 is the model's TTA'd one, then the calibration evaluate (and, for one
+    # member, blend) chose
     from pipeline.predict import resolve_calibration
 
-    session, _, _ = open_model(project / "models" / "onnx", "cpu", "fp32")
+    session, _, _ = open_model(project / "models" / "onnx" / "model", "cpu", "fp32")
     x = preprocess_as(load_image(project / "data" / "prepared" / "test" / "unknown" / "1.jpg", 10**8), meta)
-    temperature, clip = resolve_calibration("evaluate", project / "metrics" / "evaluate.json")
+    temperature, clip = resolve_calibration("evaluate", project / "metrics" / "blend.json")
     p = float(np.clip(run_model(session, meta, x[None], tta=True, temperature=temperature)[0], clip, 1 - clip))
     assert float(sub.loc[sub["id"] == 1, "label"].iloc[0]) == pytest.approx(p, abs=1e-6)
+
+
+def test_a_two_member_blend_through_dvc_repro_and_one_member_changed_reruns_only_it(tmp_path):
+    """Two members (a timm and a torchvision backbone) with their own stages, blended into one valid submission;
+    changing one member's params reruns that member's stages, the blend and what follows, never the other's."""
+    project = make_project(
+        tmp_path / "project",
+        {
+            "fetch.demo.train_per_class": 16,
+            "fetch.demo.test_count": 6,
+            "fetch.demo.min_side": 48,
+            "fetch.demo.max_side": 80,
+            "prepare.valid_per_class": 6,
+            "prepare.sample_train_per_class": 2,
+            "prepare.sample_valid_per_class": 2,
+            "train.image_size": 32,
+            "train.epochs": 1,
+            "train.batch_size": 8,
+            "train.workers": 0,
+            "evaluate.workers": 0,
+            "evaluate.show_images": 2,
+            "export.parity_images": 2,
+            "export.variants": ["fp32"],
+            "predict.tta": True,
+            "predict.workers": 2,
+            "members": {"lite": {"arch": "efficientnet_lite0", "weights": "imagenet"}, "r18": {"arch": "resnet18"}},
+        },
+    )
+    log = dvc(project, "repro", "predict")
+    for stage in ("features", "train", "evaluate", "export"):
+        assert f"Running stage '{stage}@lite'" in log and f"Running stage '{stage}@r18'" in log, stage
+    chosen = json.loads((project / "metrics" / "blend.json").read_text())
+    assert chosen["weights"] == {"lite": 0.5, "r18": 0.5} and set(chosen["members"]) == {"lite", "r18"}
+    for name in ("lite", "r18"):  # each member's row is its own evaluate's figures
+        own = json.loads((project / "metrics" / "members" / name / "evaluate.json").read_text())
+        assert chosen["members"][name]["log_loss"] == pytest.approx(own["log_loss"], abs=1e-9)
+    sub = pd.read_csv(project / "submissions" / "submission.csv")
+    assert sub["id"].tolist() == list(range(1, 7)) and sub["label"].between(0, 1).all()
+    predicted = json.loads((project / "metrics" / "predict.json").read_text())
+    assert set(predicted["members"]) == {"lite", "r18"} and predicted["n_unreadable"] == 0
+    shown = dvc(project, "metrics", "show")
+    assert "metrics/blend.json" in shown and "metrics/members/r18/evaluate.json" in shown
+
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["members"]["r18"]["lr"] = 0.003
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    status = dvc(project, "status", "--with-deps", "predict")  # predict's upstream: lr_find and package have not run
+    assert "train@r18" in status and "blend" in status and "@lite" not in status, status
+    log = dvc(project, "repro", "predict")
+    assert "Running stage 'train@r18'" in log and "Running stage 'blend'" in log and "Running stage 'predict'" in log
+    assert not re.search(r"Running stage '\w+@lite'", log) and "Stage 'train@lite' didn't change" in log, log

@@ -15,8 +15,8 @@ import yaml
 from PIL import Image
 
 from pipeline import predict
-from pipeline.data import SubmissionError, make_session, read_metadata, validate_submission
-from pipeline.predict import decoded_batches, run_model, scale_temperature
+from pipeline.data import SubmissionError, load_image, make_session, preprocess_as, read_metadata, validate_submission
+from pipeline.predict import decoded_batches, member_logits, run_model, scale_temperature
 from tests.conftest import ROOT
 from tests.test_data import write_tiny_onnx
 
@@ -38,7 +38,7 @@ def jpeg(img: Image.Image) -> bytes:
 @pytest.fixture
 def project(tmp_path):
     """data/prepared like prepare's (one corrupt, one rejected, one missing and one extra test image),
-    an ONNX folder, metrics/evaluate.json, the demo labels and a params.yaml."""
+    one member's ONNX folder (models/onnx/m), metrics/blend.json, the demo labels and a params.yaml."""
     prepared = tmp_path / "data" / "prepared"
     test = prepared / "test" / "unknown"
     test.mkdir(parents=True)
@@ -51,9 +51,9 @@ def project(tmp_path):
     (prepared / "rejected" / "test" / f"{REJECTED}.jpg").write_bytes(b"not a jpeg")
     (prepared / "rejected.csv").write_text(f"path,reason\nrejected/test/{REJECTED}.jpg,UnidentifiedImageError: x\n")
     (prepared / "sample_submission.csv").write_text("id,label\n" + "".join(f"{i},0.5\n" for i in SAMPLE_IDS))
-    write_tiny_onnx(tmp_path / "models" / "onnx", image_size=16)
+    write_tiny_onnx(tmp_path / "models" / "onnx" / "m", image_size=16)
     (tmp_path / "metrics").mkdir()
-    (tmp_path / "metrics" / "evaluate.json").write_text(json.dumps({"accuracy": 0.9, "clip": 0.03}))
+    (tmp_path / "metrics" / "blend.json").write_text(json.dumps({"weights": {"m": 1.0}, "accuracy": 0.9, "clip": 0.03}))
     (tmp_path / "labels.csv").write_text("id,label\n" + "".join(f"{i},{int(i in DOGS)}\n" for i in SAMPLE_IDS))
     return tmp_path
 
@@ -64,7 +64,7 @@ def run_predict(project, labels="labels.csv", **params):
     (project / "params.yaml").write_text(yaml.safe_dump(values))
     predict.main([
         "--onnx", str(project / "models" / "onnx"), "--data", str(project / "data" / "prepared"),
-        "--evaluate", str(project / "metrics" / "evaluate.json"), "--labels", str(project / labels),
+        "--blend", str(project / "metrics" / "blend.json"), "--labels", str(project / labels),
         "--submission", str(project / "submissions" / "submission.csv"),
         "--metrics", str(project / "metrics" / "predict.json"), "--params", str(project / "params.yaml"),
     ])  # fmt: skip
@@ -81,7 +81,7 @@ def test_every_expected_id_sorted_and_clipped(project, caplog):
     for i, label in zip(df["id"], df["label"], strict=True):
         expected = 0.5 if i in unreadable else 0.95 if i in DOGS else 0.05  # confident, so clipped
         assert label == expected, i
-    assert metrics["n"] == len(SAMPLE_IDS) and metrics["clip"] == 0.05 and metrics["provider"] == "cpu"
+    assert metrics["n"] == len(SAMPLE_IDS) and metrics["clip"] == 0.05 and metrics["members"]["m"]["provider"] == "cpu"
     assert metrics["images_per_second"] > 0 and metrics["tta"] is False
     # the unreadable ids are reported with the reason, in the metrics and the log
     reasons = {u["id"]: u["reason"] for u in metrics["unreadable"]}
@@ -100,20 +100,47 @@ def test_every_expected_id_sorted_and_clipped(project, caplog):
     assert not list((project / "submissions").glob(".*tmp"))  # the temporary file was renamed
 
 
-def test_clip_from_the_evaluate_metrics(project):
+def test_clip_from_the_blend_metrics(project):
     _, df, metrics = run_predict(project, clip="evaluate")
     assert metrics["clip"] == 0.03
     assert set(df["label"]) == {0.03, 0.5, 0.97}
 
 
-def test_temperature_from_the_evaluate_metrics_when_it_beat_the_clip(project):
+def test_temperature_from_the_blend_metrics_when_it_beat_the_clip(project):
     chosen = {"clip": 0.03, "calibration": "temperature", "temperature": 1000.0, "temperature_clip": 0.01}
-    (project / "metrics" / "evaluate.json").write_text(json.dumps(chosen))
+    (project / "metrics" / "blend.json").write_text(json.dumps({"weights": {"m": 1.0}, **chosen}))
     _, df, metrics = run_predict(project, clip="evaluate")
     assert metrics["temperature"] == 1000.0 and metrics["clip"] == 0.01
     assert df["label"].between(0.49, 0.51).all()  # T = 1000 flattens every P(dog) to ~0.5
     dogs, cats = df[df["id"].isin(DOGS)]["label"], df[~df["id"].isin(DOGS)]["label"]
     assert dogs.min() > 0.5 > cats[cats != 0.5].max()  # ... keeping the order
+
+
+def test_two_members_are_blended_by_their_weights_each_with_its_own_preprocessing(project):
+    """The submission's logit is the weighted sum of the members' logits (each from its own image size), then the
+    blend's calibration; a member missing from models/onnx is a clear error."""
+    write_tiny_onnx(project / "models" / "onnx" / "n", image_size=24, gain=-1.0)  # another size, disagrees
+    weights = {"m": 0.75, "n": 0.25}
+    blend = {
+        "weights": weights,
+        "clip": 0.001,
+        "calibration": "temperature",
+        "temperature": 2.0,
+        "temperature_clip": 0.0,
+    }
+    (project / "metrics" / "blend.json").write_text(json.dumps(blend))
+    _, df, metrics = run_predict(project, clip="evaluate", tta=True)
+    assert set(metrics["members"]) == {"m", "n"} and metrics["members"]["n"]["weight"] == 0.25
+    z = 0.0
+    for name, w in weights.items():
+        onnx_dir = project / "models" / "onnx" / name
+        meta, (session, _) = read_metadata(onnx_dir), make_session(onnx_dir, "cpu")
+        x = preprocess_as(load_image(project / "data" / "prepared" / "test" / "unknown" / "7.jpg", 10**6), meta)
+        z += w * member_logits(session, meta, x[None], tta=True)[0]
+    assert float(df.loc[df["id"] == 7, "label"].iloc[0]) == pytest.approx(1 / (1 + np.exp(-z / 2.0)), abs=1e-6)
+    (project / "metrics" / "blend.json").write_text(json.dumps({**blend, "weights": {"m": 0.5, "gone": 0.5}}))
+    with pytest.raises(SystemExit, match=r"models/onnx/gone/model.onnx not found"):
+        run_predict(project, clip="evaluate")
 
 
 def test_scale_temperature_is_softmax_of_the_scaled_logits():
@@ -133,7 +160,7 @@ def test_without_labels_nothing_is_scored(project, caplog):
 
 def test_cuda_that_is_not_there_fails(project):
     if "CUDAExecutionProvider" in ort.get_available_providers():
-        _, used = make_session(project / "models" / "onnx", "auto")
+        _, used = make_session(project / "models" / "onnx" / "m", "auto")
         if used == "cuda":
             pytest.skip("CUDA works on this machine")
     with pytest.raises(SystemExit, match="set the provider to auto or cpu"):
@@ -142,8 +169,8 @@ def test_cuda_that_is_not_there_fails(project):
 
 def test_tta_averages_the_logits_of_the_image_and_its_mirror(project):
     """As evaluate's predict_logits(tta=True) does: the validation calibration then fits the submission."""
-    meta = read_metadata(project / "models" / "onnx")
-    session, _ = make_session(project / "models" / "onnx", "cpu")
+    meta = read_metadata(project / "models" / "onnx" / "m")
+    session, _ = make_session(project / "models" / "onnx" / "m", "cpu")
     half = np.zeros((1, 3, 16, 16), np.float32)
     half[:, 0, :, :8], half[:, 2, :, 8:] = 2.0, 2.0  # red on the left, blue on the right
     x = np.concatenate([half, half[..., ::-1], np.zeros_like(half)])
@@ -203,13 +230,13 @@ def test_a_wrong_submission_is_rejected(break_it, message):
 
 
 def test_the_variant_param_picks_the_model_file(project):
-    onnx_dir = project / "models" / "onnx"
-    assert run_predict(project)[2]["variant"] == "fp32"  # auto, only fp32 exported
+    onnx_dir = project / "models" / "onnx" / "m"
+    assert run_predict(project)[2]["members"]["m"]["variant"] == "fp32"  # auto, only fp32 exported
     int8 = write_tiny_onnx(project / "int8", image_size=16, gain=-4.0) / "model.onnx"  # cats and dogs swapped
     (onnx_dir / "model.int8.onnx").write_bytes(int8.read_bytes())
     _, df, metrics = run_predict(project)
-    assert metrics["variant"] == "fp32" and metrics["accuracy"] > 0.5  # auto on CPU: fp32, never int8
+    assert metrics["members"]["m"]["variant"] == "fp32" and metrics["accuracy"] > 0.5  # auto on CPU: fp32, never int8
     _, df, metrics = run_predict(project, variant="int8")
-    assert metrics["variant"] == "int8" and metrics["accuracy"] < 0.5  # by name: the int8 file ran
+    assert metrics["members"]["m"]["variant"] == "int8" and metrics["accuracy"] < 0.5  # by name: the int8 file ran
     with pytest.raises(SystemExit, match="add fp16 to export.variants"):
         run_predict(project, variant="fp16")
