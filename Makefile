@@ -41,7 +41,7 @@ DEMO_PARAMS = fetch.source=demo prepare.valid_per_class=150 train.weights=none t
 # what the messages of the repro recipe call it (make offline runs it too)
 GOAL ?= repro
 
-.PHONY: install demo test repro offline offline-ensemble submit serve lint clean bench
+.PHONY: install demo test repro offline offline-ensemble plots submit serve lint clean bench
 
 install: $(VENV)/.installed
 
@@ -91,6 +91,10 @@ offline-ensemble:
 $(VENV)/.offline: $(VENV)/.installed
 	$(BIN)/python -m pip install --quiet -e '.[offline]'
 	touch $@
+
+# every chart of `dvc plots show`, drawn with no network (the Vega scripts inlined): then open dvc_plots/index.html
+plots: install
+	$(BIN)/python -m pipeline.plots --out dvc_plots
 
 # Upload submissions/submission.csv (made by `make repro`) to Kaggle; MESSAGE="..." adds a note to the
 # message, which always names the git commit and the validation metrics. Not a DVC stage: it is not repeatable.

@@ -25,9 +25,11 @@ import numpy as np
 from scipy.optimize import minimize
 from scipy.special import expit
 
-from pipeline.config import BlendParams, EvaluateParams, load_params, member_names
+from pipeline.config import load_params
 from pipeline.data import atomic_write_text
 from pipeline.evaluate import evaluate, fit_temperature, log_loss, read_predictions
+from pipeline.params.evaluate import BlendParams, EvaluateParams
+from pipeline.params.train import member_names
 
 log = logging.getLogger("blend")
 

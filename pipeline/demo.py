@@ -23,7 +23,8 @@ import zipfile
 import numpy as np
 from PIL import Image, ImageDraw
 
-from pipeline.config import DemoParams, FetchParams, load_params
+from pipeline.config import load_params
+from pipeline.params.fetch import DemoParams, FetchParams
 
 ZIP_DATE = (1980, 1, 1, 0, 0, 0)  # fixed member timestamps: same seed, byte-identical zip
 CLASS_HUE = {"cat": 0.08, "dog": 0.58}  # palettes lean orange (cats) vs blue-grey (dogs), and overlap

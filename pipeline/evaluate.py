@@ -32,9 +32,10 @@ from sklearn.metrics import log_loss as sk_log_loss
 from torch.utils.data import DataLoader
 from torchvision.datasets import ImageFolder
 
-from pipeline.config import EvaluateParams, PredictParams, load_params
+from pipeline.config import load_params, load_value
 from pipeline.data import atomic_write_text
 from pipeline.model import eval_transform, load_model, pick_device, predict_logits
+from pipeline.params.evaluate import EvaluateParams
 
 log = logging.getLogger("evaluate")
 
@@ -157,7 +158,7 @@ def main(argv=None) -> None:
         model, meta = load_model(args.model, device)
     except FileNotFoundError as e:
         raise SystemExit(str(e)) from None
-    tta = load_params(PredictParams, "predict", args.params).tta  # fit the calibration on what predict makes
+    tta = load_value("predict", "tta", bool, args.params)  # fit the calibration on what predict makes
     ds = ImageFolder(args.data / "valid", transform=eval_transform(meta))
     loader = DataLoader(ds, batch_size=p.batch_size, num_workers=p.workers)
     logits, y = predict_logits(model, loader, device, tta=tta)

@@ -35,7 +35,7 @@ import onnx
 import torch
 from torch import nn
 
-from pipeline.config import ExportParams, PrepareParams, load_params
+from pipeline.config import load_params, load_value
 from pipeline.data import (
     MAX_IR_VERSION,
     MODEL_FILE,
@@ -49,6 +49,7 @@ from pipeline.data import (
     read_metadata,
 )
 from pipeline.model import load_model
+from pipeline.params.export import ExportParams
 from pipeline.variants import export_variants
 
 log = logging.getLogger("export")
@@ -149,7 +150,7 @@ def main(argv=None) -> None:
     for name in ("onnxscript", "onnx_ir"):  # their INFO lines narrate every optimisation pass
         logging.getLogger(name).setLevel(logging.WARNING)
     p = load_params(ExportParams, "export", args.params)
-    max_pixels = load_params(PrepareParams, "prepare", args.params).max_pixels  # what prepare accepted
+    max_pixels = load_value("prepare", "max_pixels", int, args.params)  # what prepare accepted
     try:
         model, meta = load_model(args.model, "cpu")
     except FileNotFoundError as e:

@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader
 from torchvision.datasets import ImageFolder
 from tqdm import tqdm
 
-from pipeline.config import FeaturesParams, TrainParams, load_member, load_params
+from pipeline.config import load_params
 from pipeline.model import (
     CLASSES,
     WeightsError,
@@ -48,6 +48,7 @@ from pipeline.model import (
     pick_device,
     preprocessing,
 )
+from pipeline.params.train import FeaturesParams, TrainParams, load_member
 
 log = logging.getLogger("features")
 SPLITS = ("train", "valid")

@@ -24,8 +24,9 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from pipeline.config import FetchParams, load_params
+from pipeline.config import load_params
 from pipeline.demo import write_demo_zip
+from pipeline.params.fetch import FetchParams
 
 log = logging.getLogger("fetch")
 MEMBERS = ("sample_submission.csv", "test.zip", "train.zip")

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.config import LrFindParams, load_member, load_params
+from pipeline.config import load_params
 from pipeline.data import atomic_write_text
 from pipeline.features import cache_cut, load_cache
 from pipeline.model import (
@@ -36,6 +36,7 @@ from pipeline.model import (
     to_device,
     trainable_part,
 )
+from pipeline.params.train import LrFindParams, load_member
 from pipeline.train import fresh_model, make_loaders, phases
 
 log = logging.getLogger("lr_find")

@@ -30,8 +30,10 @@ from pathlib import Path
 import bentoml
 from bentoml.exceptions import NotFound
 
-from pipeline.config import FetchParams, PackageParams, TrainParams, load_member, load_params
+from pipeline.config import load_params, load_value
 from pipeline.data import MODEL_FILE, atomic_write_text, read_metadata
+from pipeline.params.package import PackageParams
+from pipeline.params.train import TrainParams, load_member
 
 log = logging.getLogger("package")
 METRIC_FILES = ("evaluate", "export")
@@ -149,7 +151,7 @@ def main(argv=None) -> None:
         args.onnx, args.metrics = args.onnx / member, args.metrics / member
         log.info("serving member %s (package.member: %s)", member, p.member)
     train = load_member(member, args.params)
-    source = load_params(FetchParams, "fetch", args.params).source
+    source = load_value("fetch", "source", str, args.params)
     if not (args.onnx / MODEL_FILE).exists():
         raise SystemExit(f"{args.onnx / MODEL_FILE} not found: run 'dvc repro export' first")
     labels = {

@@ -35,7 +35,7 @@ from scipy.special import expit
 from sklearn.metrics import log_loss
 from tqdm import tqdm
 
-from pipeline.config import PredictParams, load_params
+from pipeline.config import load_params
 from pipeline.data import (
     ImageError,
     ModelError,
@@ -48,6 +48,7 @@ from pipeline.data import (
     read_sample_ids,
     validate_submission,
 )
+from pipeline.params.predict import PredictParams
 
 log = logging.getLogger("predict")
 UNREADABLE_P = 0.5  # an image we cannot see: P = 0.5 costs log 2, the least when nothing is known

@@ -39,8 +39,9 @@ from pathlib import Path, PurePosixPath
 from PIL import Image
 from tqdm import tqdm
 
-from pipeline.config import PrepareParams, load_params
+from pipeline.config import load_params
 from pipeline.data import SubmissionError, atomic_write_text, read_sample_ids
+from pipeline.params.prepare import PrepareParams
 
 log = logging.getLogger("prepare")
 TRAIN_NAME = re.compile(r"^train/(cat|dog)\.(\d+)\.jpg$")

@@ -17,18 +17,19 @@ import yaml
 from ruamel.yaml import YAML
 
 from pipeline import config
+from pipeline.params import evaluate, export, fetch, package, predict, prepare, serve, train
 
 SECTIONS = {
-    "fetch": config.FetchParams,
-    "prepare": config.PrepareParams,
-    "train": config.TrainParams,
-    "features": config.FeaturesParams,
-    "evaluate": config.EvaluateParams,
-    "export": config.ExportParams,
-    "predict": config.PredictParams,
-    "blend": config.BlendParams,
-    "package": config.PackageParams,
-    "serve": config.ServeParams,
+    "fetch": fetch.FetchParams,
+    "prepare": prepare.PrepareParams,
+    "train": train.TrainParams,
+    "features": train.FeaturesParams,
+    "evaluate": evaluate.EvaluateParams,
+    "export": export.ExportParams,
+    "predict": predict.PredictParams,
+    "blend": evaluate.BlendParams,
+    "package": package.PackageParams,
+    "serve": serve.ServeParams,
 }
 
 
@@ -55,8 +56,8 @@ def set_params(path: Path, assignments: list[str]) -> list[str]:
         rt.dump(data, f)
     for section, cls in SECTIONS.items():  # the result must still load into the typed config
         config.load_params(cls, section, path)
-    for member in config.member_names(path):
-        config.load_member(member, path)
+    for member in train.member_names(path):
+        train.load_member(member, path)
     return changed
 
 

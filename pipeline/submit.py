@@ -22,9 +22,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipeline.config import FetchParams, load_params
+from pipeline.config import load_params
 from pipeline.data import SubmissionError, read_sample_ids, validate_submission
 from pipeline.fetch import credentials_help, explain_http_error
+from pipeline.params.fetch import FetchParams
 
 log = logging.getLogger("submit")
 

@@ -42,7 +42,6 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets import ImageFolder
 from tqdm import tqdm
 
-from pipeline.config import TrainParams, load_member
 from pipeline.features import load_cache
 from pipeline.model import (
     CLASSES,
@@ -60,6 +59,7 @@ from pipeline.model import (
     trainable_module,
     trainable_part,
 )
+from pipeline.params.train import TrainParams, load_member
 
 log = logging.getLogger("train")
 
@@ -92,11 +92,25 @@ def validate(model, loader, device) -> dict:
     logits, y = predict_logits(model, loader, device)
     t = torch.from_numpy(logits)
     p_dog = torch.softmax(t, 1)[:, 1].numpy()
+    # no separate valid cross-entropy: with two classes it is this log loss (the same curve drawn twice)
     return {
-        "valid_loss": float(F.cross_entropy(t, torch.from_numpy(y))),
         "valid_accuracy": float(np.mean(logits.argmax(1) == y)),
         "valid_log_loss": float(log_loss(y, p_dog, labels=[0, 1])),
     }
+
+
+def log_curves(live, history: list[dict]) -> None:
+    """The learning curves `dvc plots show` draws, x the epoch counted from 1: train and valid loss in one file in
+    long format (a DVC stage plot reads one y column; .dvc/plots/curves.json draws a line per `curve`), and the
+    valid accuracy."""
+    loss = [
+        {"epoch": epoch, "curve": curve, "loss": m[key]}
+        for epoch, m in enumerate(history, 1)
+        for curve, key in (("train", "train_loss"), ("valid", "valid_log_loss"))
+    ]
+    accuracy = [{"epoch": epoch, "valid_accuracy": m["valid_accuracy"]} for epoch, m in enumerate(history, 1)]
+    live.log_plot("loss", loss, x="epoch", y="loss")  # <--live>/plots/custom/loss.json
+    live.log_plot("accuracy", accuracy, x="epoch", y="valid_accuracy")  # <--live>/plots/custom/accuracy.json
 
 
 class ArrayDataset(Dataset):
@@ -330,16 +344,16 @@ def main(argv=None) -> None:
                     args.checkpoint,
                 )
                 log.info(
-                    "epoch %d/%d  train_loss %.4f  valid_loss %.4f  valid_acc %.4f  valid_log_loss %.4f  %.0fs",
+                    "epoch %d/%d  train_loss %.4f  valid_acc %.4f  valid_log_loss %.4f  %.0fs",
                     epoch + 1,
                     total,
                     train_loss,
-                    metrics["valid_loss"],
                     metrics["valid_accuracy"],
                     metrics["valid_log_loss"],
                     time.perf_counter() - t0,
                 )
             first += epochs
+        log_curves(live, history)
 
     # the kept epoch: a later phase changed more than the best epoch's phase trained, so rebuild from the weights
     if best["finetune"] != plan[-1][0]:

@@ -23,7 +23,6 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 from onnxruntime.transformers.float16 import convert_float_to_float16
 from sklearn.metrics import log_loss
 
-from pipeline.config import ExportParams
 from pipeline.data import (
     MAX_IR_VERSION,
     MODEL_FILE,
@@ -33,6 +32,7 @@ from pipeline.data import (
     preprocess_as,
     read_metadata,
 )
+from pipeline.params.export import ExportParams
 
 log = logging.getLogger("export")
 

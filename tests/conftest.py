@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.config import DemoParams, PrepareParams
 from pipeline.demo import write_demo_zip
+from pipeline.params.fetch import DemoParams
+from pipeline.params.prepare import PrepareParams
 from pipeline.prepare import prepare
 from serving.smoke import free_port, start, stop, wait_ready
 
@@ -173,4 +174,5 @@ def make_project(dest: Path, params_update: dict) -> Path:
     git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty", "-m", "init")
     dvc(dest, "init", "-q")
     dvc(dest, "config", "core.analytics", "false")
+    shutil.copytree(ROOT / ".dvc" / "plots", dest / ".dvc" / "plots")  # the plot templates dvc.yaml names
     return dest

@@ -8,8 +8,9 @@ import pytest
 import yaml
 
 from pipeline import blend
-from pipeline.config import BlendParams, EvaluateParams, load_params
+from pipeline.config import load_params
 from pipeline.evaluate import evaluate, read_predictions, write_predictions
+from pipeline.params.evaluate import BlendParams, EvaluateParams
 from tests.conftest import ROOT
 
 EP = load_params(EvaluateParams, "evaluate", ROOT / "params.yaml")

@@ -1,16 +1,10 @@
 import pytest
 import yaml
 
-from pipeline.config import (
-    ConfigError,
-    FetchParams,
-    PrepareParams,
-    TrainParams,
-    from_dict,
-    load_member,
-    load_params,
-    member_names,
-)
+from pipeline.config import ConfigError, from_dict, load_params
+from pipeline.params.fetch import FetchParams
+from pipeline.params.prepare import PrepareParams
+from pipeline.params.train import TrainParams, load_member, member_names
 from tests.conftest import ROOT
 
 

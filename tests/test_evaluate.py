@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from pipeline.config import EvaluateParams
 from pipeline.evaluate import best_clip, clip_curve, evaluate, fit_temperature, log_loss, softmax
+from pipeline.params.evaluate import EvaluateParams
 
 
 def test_clip_search_finds_the_analytic_optimum():

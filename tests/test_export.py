@@ -16,7 +16,7 @@ from PIL import Image
 from torch import nn
 
 from pipeline import export
-from pipeline.config import ExportParams, load_params
+from pipeline.config import load_params
 from pipeline.data import (
     MODEL_FILE,
     VARIANT_FILES,
@@ -28,6 +28,7 @@ from pipeline.data import (
 )
 from pipeline.export import MAX_IR_VERSION, ExportError, check_export, export_onnx, onnx_metadata
 from pipeline.model import CLASSES, preprocessing
+from pipeline.params.export import ExportParams
 from pipeline.variants import judge_variant
 from tests.conftest import ROOT
 

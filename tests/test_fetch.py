@@ -16,9 +16,9 @@ import pytest
 import requests
 from PIL import Image
 
-from pipeline.config import FetchParams
 from pipeline.demo import build_demo, make_image
 from pipeline.fetch import FetchError, fetch
+from pipeline.params.fetch import FetchParams
 from tests.conftest import tiny_demo
 
 COMP = "dogs-vs-cats-redux-kernels-edition"

@@ -89,7 +89,7 @@ def test_dvc_repro_evaluate(tmp_path):
     assert metrics["n"] == 12 and 0 <= metrics["accuracy"] <= 1
     assert metrics["log_loss_clipped"] <= metrics["log_loss"] + 1e-12
     live = json.loads((project / "dvclive" / "model" / "metrics.json").read_text())
-    assert {"train_loss", "valid_loss", "valid_accuracy", "valid_log_loss"} <= set(live)
+    assert {"train_loss", "valid_accuracy", "valid_log_loss"} <= set(live) and "valid_loss" not in set(live)
     for name in ("valid_predictions.csv", "clip_curve.csv", "top_losses.png", "most_uncertain.png"):
         assert (project / "plots" / "model" / "evaluate" / name).is_file()
     shown = dvc(project, "metrics", "show")
@@ -165,6 +165,14 @@ def test_dvc_repro_predict_makes_a_scored_submission(tmp_path):
     # the rest of `make demo`: the package stage into a BentoML store, then the served model's smoke check
     env = {"BENTOML_HOME": str(tmp_path / "bentoml"), "DOGSCATS_PARAMS": str(project / "params.yaml")}
     assert "Running stage 'package'" in dvc(project, "repro", env=env)
+    # touching a shared module reruns only the stages that run it: the service's settings none, predict's only predict
+    assert "up to date" in dvc(project, "status")
+    with open(project / "pipeline" / "params" / "serve.py", "a") as f:
+        f.write("# touched\n")
+    assert "up to date" in dvc(project, "status")
+    with open(project / "pipeline" / "params" / "predict.py", "a") as f:
+        f.write("# touched\n")
+    assert re.findall(r"(?m)^([\w@]+):$", dvc(project, "status")) == ["predict"]
     record = json.loads((project / "models" / "bentoml-model.json").read_text())
     stored = Path(record["store"]) / Path(*record["tag"].split(":"))
     assert sorted(p.name for p in stored.iterdir() if p.suffix != ".yaml") == names  # the service's copy: fp32

@@ -23,8 +23,9 @@ import pytest
 import requests
 from PIL import Image
 
-from pipeline.config import ServeParams, load_params
+from pipeline.config import load_params
 from pipeline.data import open_model, read_metadata
+from pipeline.params.serve import ServeParams
 from pipeline.predict import load_input, run_model
 from serving.service import BadUpload, DogsVsCats, FormCheck, upload_limits
 from serving.smoke import api_worker, free_port, proc_status, start, stop, wait_ready

@@ -1,0 +1,21 @@
+"""The predict section: the submission.
+
+One frozen dataclass per section of params.yaml; `pipeline.config.load_params` fills it, checking every key and
+type. A stage depends (dvc.yaml) on the modules here that it reads, so a change to another section's fields reruns
+nothing of it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+
+@dataclass(frozen=True)
+class PredictParams:
+    batch_size: int  # images per ONNX Runtime call
+    workers: int  # JPEG decode + resize threads; 0 = one per CPU core
+    tta: bool  # test-time augmentation: average P(dog) of the image and its mirror (2x the compute)
+    clip: Literal["evaluate"] | float  # "evaluate": metrics/evaluate.json's clip; a number: that fixed clip
+    provider: Literal["auto", "cpu", "cuda"]  # ONNX Runtime provider; auto: CUDA when really obtained, else CPU
+    max_pixels: int  # larger test images are unreadable (decompression bombs), predicted 0.5
+    variant: Literal["auto", "fp32", "int8", "fp16"]  # model file; auto: fp16 on CUDA if it passed export, else fp32

@@ -1,0 +1,19 @@
+"""The prepare section: the seeded validation split and what images are accepted.
+
+One frozen dataclass per section of params.yaml; `pipeline.config.load_params` fills it, checking every key and
+type. A stage depends (dvc.yaml) on the modules here that it reads, so a change to another section's fields reruns
+nothing of it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class PrepareParams:
+    seed: int  # seed of the train/valid/sample split
+    valid_per_class: int  # images per class moved from train to valid (the lesson: 1000)
+    sample_train_per_class: int  # images per class in sample/train (linked from train)
+    sample_valid_per_class: int  # images per class in sample/valid (linked from valid)
+    max_pixels: int  # larger images are rejected as decompression bombs
+    workers: int  # processes that decode-check images; 0 = one per CPU core

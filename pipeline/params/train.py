@@ -1,0 +1,99 @@
+"""The train, features and lr_find sections, and the members: each member is train with its overrides.
+
+One frozen dataclass per section of params.yaml; `pipeline.config.load_params` fills it, checking every key and
+type. A stage depends (dvc.yaml) on the modules here that it reads, so a change to another section's fields reruns
+nothing of it."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from pipeline.config import PARAMS_FILE, ConfigError, from_dict, load_yaml
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    arch: str  # torchvision or timm model name (vgg16, resnet34, timm/convnext_tiny, efficientnet_lite0, ...)
+    weights: str  # imagenet | none (random init: the offline demo) | path to a state dict for the arch
+    finetune: Literal["head", "dense", "all"]  # what trains: the new layer, the arch's dense block, everything
+    image_size: int  # side of the centre crop fed to the network; 0 = the weights' own (224, lite1: 240, ...)
+    augment: bool  # random resized crop + horizontal flip on training images
+    min_scale: float  # ... the crop covers at least this fraction of the image's area
+    freeze_bn: bool  # BatchNorm keeps its pretrained running statistics while the body trains (small data sets)
+    head_epochs: int  # fastai's fine_tune: with finetune all, first this many epochs train only the head
+    head_lr: float  # ... at this peak lr (on cached activations when feature_cache)
+    epochs: int  # passes over the training images (or their cached activations) with `finetune`
+    batch_size: int  # images per optimiser step (CUDA: the largest that fits)
+    lr: float  # peak learning rate of the one-cycle schedule (head, or the dense block)
+    body_lr_factor: float  # finetune: all -> the pretrained body trains at lr * this (discriminative lrs)
+    keep: Literal["best", "last"]  # the epoch whose weights are kept: lowest validation log loss, or the last
+    weight_decay: float  # AdamW decoupled weight decay
+    warmup: float  # fraction of the steps spent warming up to the peak lr
+    seed: int  # same seed on CPU -> same weights
+    workers: int  # DataLoader worker processes (JPEG decoding); 0 = in the main process
+    device: Literal["auto", "cpu", "cuda"]  # auto: CUDA when available, else CPU
+    feature_cache: bool  # head/dense without augment: train on the frozen layers' cached activations
+    compile: bool  # torch.compile the network (CUDA: worth it for long runs; minutes of warm-up)
+
+
+@dataclass(frozen=True)
+class FeaturesParams:
+    batch_size: int  # images per forward pass of the frozen layers
+    workers: int  # DataLoader worker processes (JPEG decoding)
+
+
+@dataclass(frozen=True)
+class LrFindParams:
+    steps: int  # mini-batches in the sweep (fewer when the loss blows up first)
+    start_lr: float  # the sweep's first learning rate ...
+    end_lr: float  # ... and its last, growing exponentially in between
+
+
+# ---------------------------------------------------------------------------------------------------
+# members: the models trained, each the train section with its own overrides
+
+MEMBER_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,39}")
+RESERVED_MEMBERS = {"blend", "onnx"}  # blend: the blend's row in the metrics; onnx: a folder under models/
+
+
+def member_names(path: str | Path = PARAMS_FILE) -> list[str]:
+    """The members of params.yaml, in their order; each name must be usable as a folder name."""
+    return list(_members(path))
+
+
+def load_member(name: str | None, path: str | Path = PARAMS_FILE) -> TrainParams:
+    """`members.<name>`'s overrides on top of the train section (`name` None: the train section alone)."""
+    data = load_yaml(path)
+    if "train" not in data:
+        raise ConfigError(f"{path}: section 'train' is missing")
+    train = data["train"]
+    if name is not None:
+        members = _members(path)
+        if name not in members:
+            raise ConfigError(f"{path}: no member '{name}' in members (there are: {', '.join(members)})")
+        if not isinstance(train, dict):
+            raise ConfigError(f"train: expected a mapping, got {type(train).__name__}")
+        unknown = sorted(set(members[name]) - {f.name for f in dataclasses.fields(TrainParams)})
+        if unknown:
+            raise ConfigError(f"members.{name}: unknown key(s) {', '.join(unknown)}: a member overrides train's keys")
+        train = {**train, **members[name]}
+    return from_dict(TrainParams, train, "train" if name is None else f"train + members.{name}")
+
+
+def _members(path: str | Path) -> dict[str, dict]:
+    members = load_yaml(path).get("members")
+    if not isinstance(members, dict) or not members:
+        raise ConfigError(f"{path}: 'members' must map each model's name to its overrides of train, e.g. lite0: {{}}")
+    for name, overrides in members.items():
+        if not isinstance(name, str) or not MEMBER_NAME.fullmatch(name) or name in RESERVED_MEMBERS:
+            raise ConfigError(
+                f"members: {name!r} is not a usable name: lower-case letters, digits, _ and -, at most 40, "
+                f"not {' or '.join(sorted(RESERVED_MEMBERS))}"
+            )
+        if not isinstance(overrides, dict):
+            raise ConfigError(f"members.{name}: expected a mapping of train keys (or {{}}), got {overrides!r}")
+    return members

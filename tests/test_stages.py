@@ -1,0 +1,63 @@
+"""dvc.yaml: each stage depends on exactly the code it runs, so a change reruns only the stages that run it.
+
+The code a stage runs is its module and every `pipeline` module it imports, transitively (read from the source
+with `ast`). A stage that lists less would not rerun when its code changes; one that lists more reruns for
+nothing (before, every stage listed pipeline/config.py with every section's settings in it, so editing the
+service's settings reran fetch, a Kaggle download, and everything after it).
+"""
+
+import ast
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import ROOT
+
+STAGES = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+
+
+def module_path(name: str) -> Path:
+    path = ROOT / Path(*name.split("."))
+    return path.with_suffix(".py") if path.with_suffix(".py").exists() else path / "__init__.py"
+
+
+def imported(name: str) -> set[str]:
+    """The `pipeline` modules `name` imports (`from pipeline.params.train import X`, `from pipeline import data`)."""
+    found = set()
+    for node in ast.walk(ast.parse(module_path(name).read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "pipeline":
+            for alias in node.names:  # `from pipeline import data` imports a module; `from pipeline.x import f` not
+                sub = f"{node.module}.{alias.name}"
+                found.add(sub if (ROOT / Path(*sub.split("."))).with_suffix(".py").exists() else node.module)
+        elif isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.split(".")[0] == "pipeline")
+    return found
+
+
+def code_of(module: str) -> set[str]:
+    """Paths of the modules that running `python -m module` executes (package __init__ files aside)."""
+    seen, todo = set(), [module]
+    while todo:
+        name = todo.pop()
+        if name not in seen:
+            seen.add(name)
+            todo.extend(imported(name))
+    paths = {module_path(n).relative_to(ROOT).as_posix() for n in seen}
+    return {p for p in paths if not p.endswith("__init__.py")}
+
+
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_each_stage_depends_on_exactly_the_code_it_runs(stage):
+    spec = STAGES[stage].get("do", STAGES[stage])  # foreach stages: the template
+    module = re.search(r"python -m (pipeline\.\w+)", spec["cmd"])[1]
+    listed = {d for d in spec["deps"] if d.startswith("pipeline/")}
+    assert listed == code_of(module), f"{stage}: deps list {sorted(listed)}, it runs {sorted(code_of(module))}"
+
+
+def test_no_stage_runs_the_service_settings():
+    """The serve section (pipeline/params/serve.py) is read only by the service: editing it reruns no stage."""
+    for spec in STAGES.values():
+        deps = spec.get("do", spec)["deps"]
+        assert "pipeline/params/serve.py" not in deps and not any(d.split("/")[0] == "serving" for d in deps)
