@@ -24,8 +24,9 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from the project root
 
-from pipeline.config import DemoParams, PrepareParams  # noqa: E402
 from pipeline.demo import make_image  # noqa: E402
+from pipeline.params.fetch import DemoParams  # noqa: E402
+from pipeline.params.prepare import PrepareParams  # noqa: E402
 from pipeline.prepare import prepare  # noqa: E402
 
 PHOTOS = Path(__file__).resolve().parents[2] / "shared" / "data" / "real-photos-200px"

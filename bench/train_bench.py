@@ -36,7 +36,6 @@ from torchvision.datasets import ImageFolder
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from the project root
 
-from pipeline.config import DemoParams  # noqa: E402
 from pipeline.data import atomic_write_text  # noqa: E402
 from pipeline.demo import make_image  # noqa: E402
 from pipeline.model import (  # noqa: E402
@@ -49,6 +48,7 @@ from pipeline.model import (  # noqa: E402
     set_train_mode,
     to_device,
 )
+from pipeline.params.fetch import DemoParams  # noqa: E402
 from pipeline.train import ArrayDataset, train_one_epoch  # noqa: E402
 
 

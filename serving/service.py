@@ -39,8 +39,10 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse
 from starlette.routing import Route
 
-from pipeline.config import PackageParams, ServeParams, load_params
+from pipeline.config import load_params
 from pipeline.data import ImageError, load_image, open_model, preprocess_as, read_metadata
+from pipeline.params.package import PackageParams
+from pipeline.params.serve import ServeParams
 
 log = logging.getLogger("bentoml.dogs_vs_cats")  # under "bentoml": BentoML's log handlers show it
 
