@@ -116,7 +116,7 @@ bench: install  # CPU always; CUDA too where PyTorch sees a GPU
 	  $(BIN)/python bench/train_bench.py --device cuda && $(BIN)/python bench/infer_bench.py --device cuda; fi
 
 lint: install
-	$(BIN)/ruff check pipeline serving tests bench
+	$(BIN)/ruff check pipeline serving tests bench notebooks
 
 clean:
 	rm -rf $(VENV)

@@ -30,8 +30,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from the project root
 
-from pipeline.data import atomic_write_text, make_session  # noqa: E402
+from pipeline.data import make_session  # noqa: E402
 from pipeline.export import export_onnx, onnx_metadata  # noqa: E402
+from pipeline.files import atomic_write_text  # noqa: E402
 from pipeline.model import CLASSES, build_model, preprocessing  # noqa: E402
 from pipeline.variants import convert_fp16, quantize_int8  # noqa: E402
 

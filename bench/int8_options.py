@@ -37,8 +37,9 @@ from sklearn.metrics import log_loss
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from the project root
 
-from pipeline.data import MODEL_FILE, VARIANT_FILES, atomic_write_text, make_session  # noqa: E402
+from pipeline.data import MODEL_FILE, VARIANT_FILES, make_session  # noqa: E402
 from pipeline.export import export_onnx, onnx_metadata  # noqa: E402
+from pipeline.files import atomic_write_text  # noqa: E402
 from pipeline.model import load_model  # noqa: E402
 from pipeline.variants import CalibrationImages, finish_variant, valid_set  # noqa: E402
 

@@ -42,7 +42,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from the project root
 
 from pipeline.config import ConfigError, from_dict  # noqa: E402
-from pipeline.data import atomic_write_text, open_model, read_metadata  # noqa: E402
+from pipeline.data import open_model, read_metadata  # noqa: E402
+from pipeline.files import atomic_write_text  # noqa: E402
 from pipeline.params.serve import ServeParams  # noqa: E402
 from serving.smoke import api_worker, free_port, proc_status, start, stop, wait_ready  # noqa: E402
 

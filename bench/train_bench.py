@@ -36,8 +36,8 @@ from torchvision.datasets import ImageFolder
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from the project root
 
-from pipeline.data import atomic_write_text  # noqa: E402
 from pipeline.demo import make_image  # noqa: E402
+from pipeline.files import atomic_write_text  # noqa: E402
 from pipeline.model import (  # noqa: E402
     autocast,
     build_model,

@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT))  # run as a script from the project root
 
 from load_test import import_model  # noqa: E402
 
-from pipeline.data import atomic_write_text  # noqa: E402
+from pipeline.files import atomic_write_text  # noqa: E402
 from serving.smoke import api_worker, free_port, proc_status, start, stop, wait_ready  # noqa: E402
 
 MIB = 1 << 20

@@ -25,9 +25,9 @@ import numpy as np
 from scipy.optimize import minimize
 from scipy.special import expit
 
-from pipeline.config import load_params
-from pipeline.data import atomic_write_text
+from pipeline.config import load_params, setup_logging
 from pipeline.evaluate import evaluate, fit_temperature, log_loss, read_predictions
+from pipeline.files import atomic_write_text
 from pipeline.params.evaluate import BlendParams, EvaluateParams
 from pipeline.params.train import member_names
 
@@ -79,7 +79,7 @@ def fold_log_loss(zs: np.ndarray, y: np.ndarray, method: str, folds: int, seed: 
         w = fit_weights(zs[:, rest], y[rest]) if method == "fit" else np.full(len(zs), 1.0 / len(zs))
         t = fit_temperature(as_two_class_logits(w @ zs[:, rest]), y[rest])
         p[held] = expit(w @ zs[:, held] / t)
-    return log_loss(p, y)
+    return log_loss(y, p)
 
 
 def read_members(folder: Path, names: list[str]) -> tuple[list[str], np.ndarray, np.ndarray]:
@@ -140,7 +140,7 @@ def main(argv=None) -> None:
     parser.add_argument("--plots", type=Path, required=True, help="folder for the plot files")
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    setup_logging()
     bp = load_params(BlendParams, "blend", args.params)
     ep = load_params(EvaluateParams, "evaluate", args.params)
     names = member_names(args.params)

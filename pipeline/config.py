@@ -9,6 +9,7 @@ live in pipeline/params/, one module per stage, so that a stage depends on the f
 from __future__ import annotations
 
 import dataclasses
+import logging
 import types
 import typing
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Literal
 import yaml
 
 PARAMS_FILE = "params.yaml"
+LOG_FORMAT = "%(asctime)s %(name)s %(message)s"
 COMPETITION = "dogs-vs-cats-redux-kernels-edition"
 
 
@@ -100,3 +102,8 @@ def load_yaml(path: str | Path = PARAMS_FILE) -> dict:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of sections, got {type(data).__name__}")
     return data
+
+
+def setup_logging() -> None:
+    """Every command's log lines the same way: time, the module's logger name, the message; INFO and up."""
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)

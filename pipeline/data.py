@@ -147,14 +147,6 @@ def preprocess_as(img: Image.Image, meta: dict) -> np.ndarray:
     return preprocess(img, meta["image_size"], meta["resize_size"], meta["mean"], meta["std"], meta["interpolation"])
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write `text` to a temporary file beside `path`, then rename it: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def read_metadata(onnx_dir: str | os.PathLike) -> dict:
     """The model's contract from the ONNX metadata_props, typed: classes, image_size, mean, std, ..."""
     path = Path(onnx_dir) / MODEL_FILE

@@ -32,23 +32,24 @@ from sklearn.metrics import log_loss as sk_log_loss
 from torch.utils.data import DataLoader
 from torchvision.datasets import ImageFolder
 
-from pipeline.config import load_params, load_value
-from pipeline.data import atomic_write_text
+from pipeline.config import load_params, load_value, setup_logging
+from pipeline.files import atomic_write_text
 from pipeline.model import eval_transform, load_model, pick_device, predict_logits
 from pipeline.params.evaluate import EvaluateParams
 
 log = logging.getLogger("evaluate")
 
 
-def log_loss(p_dog: np.ndarray, y: np.ndarray) -> float:
-    """Kaggle's metric: binary cross-entropy of P(dog) (scikit-learn's, which clips at float eps)."""
+def log_loss(y: np.ndarray, p_dog: np.ndarray) -> float:
+    """Kaggle's metric: binary cross-entropy of P(dog) for labels y (1 = dog), in scikit-learn's argument order
+    (it is scikit-learn's, which clips at float eps)."""
     return float(sk_log_loss(y, p_dog, labels=[0, 1]))
 
 
 def clip_curve(p_dog: np.ndarray, y: np.ndarray, clip_max: float, step: float) -> list[tuple[float, float]]:
     """(c, log loss of clip(p, c, 1-c)) for c = 0, step, ..., clip_max."""
     clips = np.round(np.arange(0.0, clip_max + step / 2, step), 10)
-    return [(float(c), log_loss(np.clip(p_dog, c, 1 - c), y)) for c in clips]
+    return [(float(c), log_loss(y, np.clip(p_dog, c, 1 - c))) for c in clips]
 
 
 def best_clip(curve: list[tuple[float, float]]) -> tuple[float, float]:
@@ -94,11 +95,11 @@ def evaluate(probs: np.ndarray, logits: np.ndarray, y: np.ndarray, p: EvaluatePa
     p_dog = probs[:, 1]
     curve = clip_curve(p_dog, y, p.clip_max, p.clip_step)
     clip, clipped = best_clip(curve)
-    lesson = log_loss(np.clip(p_dog, p.lesson_clip, 1 - p.lesson_clip), y)
+    lesson = log_loss(y, np.clip(p_dog, p.lesson_clip, 1 - p.lesson_clip))
     metrics = {
         "n": int(len(y)),
         "accuracy": float(np.mean(probs.argmax(1) == y)),
-        "log_loss": log_loss(p_dog, y),
+        "log_loss": log_loss(y, p_dog),
         "clip": clip,
         "log_loss_clipped": clipped,
         "lesson_clip": p.lesson_clip,
@@ -113,7 +114,7 @@ def evaluate(probs: np.ndarray, logits: np.ndarray, y: np.ndarray, p: EvaluatePa
         t_clip, t_clipped = best_clip(clip_curve(scaled, y, p.clip_max, p.clip_step))
         metrics.update(
             temperature=t,
-            log_loss_temperature=log_loss(scaled, y),
+            log_loss_temperature=log_loss(y, scaled),
             temperature_clip=t_clip,  # the clip searched on the temperature-scaled probabilities
             log_loss_temperature_clipped=t_clipped,
             temperature_beats_clip=t_clipped < clipped,
@@ -151,7 +152,7 @@ def main(argv=None) -> None:
     parser.add_argument("--predictions", type=Path, help="CSV of each validation image's logit, for the blend")
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    setup_logging()
     p = load_params(EvaluateParams, "evaluate", args.params)
     device = pick_device("auto")
     try:

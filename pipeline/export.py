@@ -26,7 +26,6 @@ import argparse
 import hashlib
 import json
 import logging
-import shutil
 import time
 from pathlib import Path
 
@@ -35,19 +34,19 @@ import onnx
 import torch
 from torch import nn
 
-from pipeline.config import load_params, load_value
+from pipeline.config import load_params, load_value, setup_logging
 from pipeline.data import (
     MAX_IR_VERSION,
     MODEL_FILE,
     VARIANT_FILES,
     VARIANTS_RECORD,
     ModelError,
-    atomic_write_text,
     load_image,
     make_session,
     preprocess_as,
     read_metadata,
 )
+from pipeline.files import atomic_folder, atomic_write_text, temporary_sibling
 from pipeline.model import load_model
 from pipeline.params.export import ExportParams
 from pipeline.variants import export_variants
@@ -146,7 +145,7 @@ def main(argv=None) -> None:
     parser.add_argument("--metrics", type=Path, required=True)
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    setup_logging()
     for name in ("onnxscript", "onnx_ir"):  # their INFO lines narrate every optimisation pass
         logging.getLogger(name).setLevel(logging.WARNING)
     p = load_params(ExportParams, "export", args.params)
@@ -160,19 +159,19 @@ def main(argv=None) -> None:
         raise SystemExit(f"no images in {args.data / 'valid'}: run 'dvc repro prepare' first")
     images = [load_image(path, max_pixels) for path in paths]
 
-    work = args.out.parent / f".{args.out.name}.tmp"
-    if work.exists():
-        shutil.rmtree(work)
+    tmp = temporary_sibling(args.out)  # where atomic_folder builds it
 
     def fail(message: str) -> SystemExit:
         """End the stage with `args.out` untouched; the temporary folder (~600 MB for VGG16) goes unless kept."""
-        kept = f"{work} kept to inspect" if p.keep_failed else f"set export.keep_failed: true to keep {work} to inspect"
+        kept = f"{tmp} kept to inspect" if p.keep_failed else f"set export.keep_failed: true to keep {tmp} to inspect"
         return SystemExit(f"export failed its check, {args.out} is unchanged ({kept}): {message}")
 
     t0 = time.perf_counter()
     metadata = onnx_metadata(meta)
-    scores, finished = {}, False
-    try:  # whatever stops the export (an uncaught error, a full disk, Ctrl-C), its temporary folder goes unless kept
+    scores = {}
+    # whatever stops the export (a failed check, an uncaught error, a full disk, Ctrl-C), args.out is untouched and
+    # the temporary folder goes unless kept; else the checked folder appears at once
+    with atomic_folder(args.out, keep_failed=p.keep_failed) as work:
         ir_version = export_onnx(model, meta["image_size"], work, metadata, p.opset)
         seconds = time.perf_counter() - t0
         try:
@@ -194,13 +193,6 @@ def main(argv=None) -> None:
             for variant in refused:
                 (work / VARIANT_FILES[variant]).unlink()  # auto never picks it; by name, the record says why
             (work / VARIANTS_RECORD).write_text(json.dumps(scores, indent=2, sort_keys=True) + "\n")
-        if args.out.exists():
-            shutil.rmtree(args.out)
-        work.rename(args.out)  # the checked folder appears at once
-        finished = True
-    finally:
-        if not finished and not p.keep_failed:
-            shutil.rmtree(work, ignore_errors=True)
 
     size = sum(f.stat().st_size for f in args.out.glob(f"{MODEL_FILE}*"))  # the fp32 model + its .data
     # no timings here: package depends on this file, and a timing differs on every run (they are logged)

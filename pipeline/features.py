@@ -25,8 +25,6 @@ import argparse
 import hashlib
 import json
 import logging
-import os
-import shutil
 import time
 from pathlib import Path
 
@@ -37,7 +35,8 @@ from torch.utils.data import DataLoader
 from torchvision.datasets import ImageFolder
 from tqdm import tqdm
 
-from pipeline.config import load_params
+from pipeline.config import load_params, setup_logging
+from pipeline.files import atomic_folder
 from pipeline.model import (
     CLASSES,
     WeightsError,
@@ -153,20 +152,14 @@ def main(argv=None) -> None:
     parser.add_argument("--member", help="params.yaml members.<name>: its overrides of train (none: train alone)")
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    setup_logging()
     p = load_member(args.member, args.params)
     fp = load_params(FeaturesParams, "features", args.params)
     if not (args.data / "manifest.csv").exists():
         raise SystemExit(f"{args.data}/manifest.csv not found: run 'dvc repro prepare' first")
-    tmp = args.out.with_name(f".{args.out.name}.tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    meta = write_cache(args.data, tmp, p, fp)
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-    if args.out.exists():
-        shutil.rmtree(args.out)
-    os.replace(tmp, args.out)  # the cache appears whole, or not at all
+    with atomic_folder(args.out) as tmp:  # the cache appears whole, or not at all
+        meta = write_cache(args.data, tmp, p, fp)
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     if not meta["cached"]:
         log.info("no cache: %s; train runs on images", meta["reason"])
 

@@ -20,12 +20,12 @@ import io
 import logging
 import os
 import shutil
-import tempfile
 import zipfile
 from pathlib import Path
 
-from pipeline.config import load_params
+from pipeline.config import load_params, setup_logging
 from pipeline.demo import write_demo_zip
+from pipeline.files import atomic_folder
 from pipeline.params.fetch import FetchParams
 
 log = logging.getLogger("fetch")
@@ -149,8 +149,7 @@ def fetch(params: FetchParams, zip_path: Path, labels_path: Path) -> None:
     if params.source not in ("kaggle", "demo"):
         check_source_outside(Path(params.source).expanduser(), out, params.competition)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}-") as tmp:
-        tmp = Path(tmp)
+    with atomic_folder(out) as tmp:  # the whole folder appears at once
         if params.source == "kaggle":
             got = download_from_kaggle(params.competition, tmp)
             got.rename(tmp / zip_path.name)
@@ -166,10 +165,6 @@ def fetch(params: FetchParams, zip_path: Path, labels_path: Path) -> None:
                 )  # fmt: skip
             copy_local(source, tmp / zip_path.name)
         check_competition_zip(tmp / zip_path.name)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)  # the whole folder appears at once
-        tmp.mkdir()  # for TemporaryDirectory's cleanup
 
 
 def main(argv=None) -> None:
@@ -178,7 +173,7 @@ def main(argv=None) -> None:
     parser.add_argument("--labels", type=Path, required=True, help="demo only: hidden test labels")
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    setup_logging()
     params = load_params(FetchParams, "fetch", args.params)
     if args.zip.parent != args.labels.parent:
         parser.error("--zip and --labels must be in the same folder (the stage's output)")

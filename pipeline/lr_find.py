@@ -24,9 +24,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.config import load_params
-from pipeline.data import atomic_write_text
+from pipeline.config import load_params, setup_logging
 from pipeline.features import cache_cut, load_cache
+from pipeline.files import atomic_write_text
 from pipeline.model import (
     autocast,
     param_groups,
@@ -99,7 +99,7 @@ def main(argv=None) -> None:
     parser.add_argument("--member", help="params.yaml members.<name>: its overrides of train (none: train alone)")
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    setup_logging()
     p = load_member(args.member, args.params)
     lp = load_params(LrFindParams, "lr_find", args.params)
     device = pick_device(p.device)

@@ -30,8 +30,9 @@ from pathlib import Path
 import bentoml
 from bentoml.exceptions import NotFound
 
-from pipeline.config import load_params, load_value
-from pipeline.data import MODEL_FILE, atomic_write_text, read_metadata
+from pipeline.config import load_params, load_value, setup_logging
+from pipeline.data import MODEL_FILE, read_metadata
+from pipeline.files import atomic_write_text
 from pipeline.params.package import PackageParams
 from pipeline.params.train import TrainParams, load_member
 
@@ -143,7 +144,7 @@ def main(argv=None) -> None:
     parser.add_argument("--blend", type=Path, help="metrics/blend.json: --onnx and --metrics hold one folder a member")
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    setup_logging()
     p = load_params(PackageParams, "package", args.params)
     member = None
     if args.blend is not None:

@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import re
 import subprocess
 import sys
 from pathlib import Path
+
+from pipeline.config import setup_logging
+from pipeline.files import atomic_write_text
 
 log = logging.getLogger("plots")
 
@@ -114,22 +116,15 @@ def show_plots(template: Path, out: Path, targets: list[str]) -> Path:
     return index
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)  # an interrupted run never leaves a half-written template
-
-
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description="dvc plots show, drawn with no network.")
     parser.add_argument("targets", nargs="*", help="plots to draw (default: all, as dvc plots show)")
     parser.add_argument("--out", type=Path, default=Path("dvc_plots"), help="folder of the page (index.html)")
     parser.add_argument("--template", type=Path, default=Path(".dvc/tmp/plots-offline.html"), help="generated template")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    setup_logging()
 
-    write_text_atomic(args.template, offline_template(vega_bundle()))
+    atomic_write_text(args.template, offline_template(vega_bundle()))
     index = show_plots(args.template, args.out, args.targets)
     html = index.read_text(encoding="utf-8")
     if remote := remote_sources(html):

@@ -35,12 +35,11 @@ from scipy.special import expit
 from sklearn.metrics import log_loss
 from tqdm import tqdm
 
-from pipeline.config import load_params
+from pipeline.config import load_params, setup_logging
 from pipeline.data import (
     ImageError,
     ModelError,
     SubmissionError,
-    atomic_write_text,
     load_image,
     open_model,
     preprocess_as,
@@ -48,6 +47,7 @@ from pipeline.data import (
     read_sample_ids,
     validate_submission,
 )
+from pipeline.files import atomic_write, atomic_write_text
 from pipeline.params.predict import PredictParams
 
 log = logging.getLogger("predict")
@@ -219,10 +219,7 @@ def write_submission(df: pd.DataFrame, ids: list[int], clip: float, path: Path) 
         validate_submission(df, ids, clip)
     except SubmissionError as e:  # a bug here, never a property of the data: nothing is written
         raise SystemExit(f"predict built an invalid submission, not written: {e}") from None
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    df.to_csv(tmp, index=False)
-    os.replace(tmp, path)  # an interrupted run never leaves half a submission
+    atomic_write(path, lambda tmp: df.to_csv(tmp, index=False))  # never half a submission
 
 
 def main(argv=None) -> None:
@@ -236,7 +233,7 @@ def main(argv=None) -> None:
     parser.add_argument("--member-logits", type=Path, help="folder for each member's test logits, <member>.csv")
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    setup_logging()
     p = load_params(PredictParams, "predict", args.params)
 
     # 1. the members and the calibration blend chose on validation

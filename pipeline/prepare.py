@@ -39,8 +39,9 @@ from pathlib import Path, PurePosixPath
 from PIL import Image
 from tqdm import tqdm
 
-from pipeline.config import load_params
-from pipeline.data import SubmissionError, atomic_write_text, read_sample_ids
+from pipeline.config import load_params, setup_logging
+from pipeline.data import SubmissionError, read_sample_ids
+from pipeline.files import atomic_folder, atomic_write_text
 from pipeline.params.prepare import PrepareParams
 
 log = logging.getLogger("prepare")
@@ -163,18 +164,8 @@ def split_train(ids: dict[str, list[int]], params: PrepareParams) -> dict[str, d
 
 def prepare(zip_path: Path, out: Path, params: PrepareParams) -> dict:
     """Build `out` from the competition zip; returns the metrics."""
-    work = out.parent / f".{out.name}.tmp"
-    if work.exists():
-        shutil.rmtree(work)
-    try:
-        metrics = prepare_into(zip_path, work, params)
-    except BaseException:  # whatever stopped it: no half-prepared folder is left behind
-        shutil.rmtree(work, ignore_errors=True)
-        raise
-    if out.exists():
-        shutil.rmtree(out)
-    work.rename(out)
-    return metrics
+    with atomic_folder(out) as work:  # whatever stops it, no half-prepared folder is left behind
+        return prepare_into(zip_path, work, params)
 
 
 def prepare_into(zip_path: Path, work: Path, params: PrepareParams) -> dict:
@@ -269,7 +260,7 @@ def main(argv=None) -> None:
     parser.add_argument("--metrics", type=Path, required=True)
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    setup_logging()
     params = load_params(PrepareParams, "prepare", args.params)
     if not args.zip.exists():
         raise SystemExit(f"prepare failed: {args.zip} not found: run 'dvc repro fetch' first")

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipeline.config import load_params
+from pipeline.config import load_params, setup_logging
 from pipeline.data import SubmissionError, read_sample_ids, validate_submission
 from pipeline.fetch import credentials_help, explain_http_error
 from pipeline.params.fetch import FetchParams
@@ -103,7 +103,7 @@ def main(argv=None) -> None:
     parser.add_argument("--message", help="text appended to the message (commit and metrics are always in it)")
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    setup_logging()
     competition = load_params(FetchParams, "fetch", args.params).competition
     for path in (args.submission, args.metrics, args.predict_metrics):
         if not path.exists():

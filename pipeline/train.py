@@ -27,10 +27,10 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 import random
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -42,7 +42,9 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets import ImageFolder
 from tqdm import tqdm
 
+from pipeline.config import setup_logging
 from pipeline.features import load_cache
+from pipeline.files import atomic_write
 from pipeline.model import (
     CLASSES,
     WeightsError,
@@ -162,9 +164,8 @@ def run_key(p: TrainParams, data: Path) -> str:
 
 
 def atomic_save(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)  # an interrupted save never leaves a half-written file
+    """torch.save, atomically: an interrupted save never leaves a half-written file."""
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def trained_state(model: nn.Module, arch: str, finetune: str) -> dict:
@@ -226,7 +227,31 @@ def make_optimizer(model: nn.Module, p: TrainParams, finetune: str, lr: float, s
     return optimizer, scheduler
 
 
-def main(argv=None) -> None:
+@dataclass
+class Run:
+    """One training run's state, shared by its steps: what to train, on what, and how far it got."""
+
+    p: TrainParams
+    data: Path
+    checkpoint: Path
+    device: torch.device
+    model: nn.Module
+    pre: dict  # the arch's preprocessing, from its weights
+    cache: dict | None  # the features stage's cached activations, when they apply
+    gen: torch.Generator  # the shuffle order: saved in checkpoints
+    plan: list[tuple[str, int, float]]  # phases: (finetune, epochs, lr)
+    key: str  # params + data: a checkpoint of another key is not resumed
+    epochs_done: int = 0
+    history: list[dict] = field(default_factory=list)
+    best: dict | None = None
+    resumed: dict | None = None  # the checkpoint resumed from, until its optimizer and RNG states are restored
+
+    @property
+    def total(self) -> int:
+        return sum(n for _, n, _ in self.plan)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Fine-tune an ImageNet model.")
     parser.add_argument("--data", type=Path, required=True, help="data/prepared")
     parser.add_argument("--features", type=Path, required=True, help="data/features (stage features)")
@@ -235,12 +260,11 @@ def main(argv=None) -> None:
     parser.add_argument("--live", type=Path, required=True, help="DVCLive folder")
     parser.add_argument("--member", help="params.yaml members.<name>: its overrides of train (none: train alone)")
     parser.add_argument("--params", default="params.yaml")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    p = load_member(args.member, args.params)
-    if not (args.data / "manifest.csv").exists():
-        raise SystemExit(f"{args.data}/manifest.csv not found: run 'dvc repro prepare' first")
+    return parser.parse_args(argv)
 
+
+def start_run(p: TrainParams, data: Path, features: Path, checkpoint: Path) -> Run:
+    """Seeds, the device, the model as `features` built it, the cache and the plan."""
     random.seed(p.seed)
     np.random.seed(p.seed)
     device = pick_device(p.device)
@@ -252,128 +276,149 @@ def main(argv=None) -> None:
         torch.__version__,
         torch.get_num_threads(),
     )
-    model = fresh_model(p, device)  # seeds torch first: the same random weights as features built
-    pre = preprocessing(p.arch, p.image_size)
-    cache = load_cache(args.features, p, args.data)
-    gen = torch.Generator().manual_seed(p.seed)  # the shuffle order: saved in checkpoints
-    plan = phases(p)
-    total = sum(n for _, n, _ in plan)
-    log.info(
-        "%s, %s; %s",
-        p.arch,
-        "weights " + p.weights,
-        " then ".join(f"{finetune} for {n} epochs at lr {lr:g}" for finetune, n, lr in plan),
+    run = Run(
+        p=p,
+        data=data,
+        checkpoint=checkpoint,
+        device=device,
+        model=fresh_model(p, device),  # seeds torch first: the same random weights as features built
+        pre=preprocessing(p.arch, p.image_size),
+        cache=load_cache(features, p, data),
+        gen=torch.Generator().manual_seed(p.seed),
+        plan=phases(p),
+        key=run_key(p, data),
     )
+    log.info(
+        "%s, weights %s; %s",
+        p.arch,
+        p.weights,
+        " then ".join(f"{finetune} for {n} epochs at lr {lr:g}" for finetune, n, lr in run.plan),
+    )
+    return run
 
-    # resume an interrupted run of the same params on the same data
-    key, start, history, best = run_key(p, args.data), 0, [], None
-    ckpt = None
-    if args.checkpoint.exists():
-        ckpt = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
-        if ckpt["run_key"] == key:
-            start, history, best = ckpt["epoch"], same_keys(ckpt["history"]), ckpt["best"]
-            load_trained_state(model, ckpt["model"], p.arch, ckpt["finetune"])
-            log.info("resuming from %s after epoch %d of %d", args.checkpoint, start, total)
-        else:
-            log.info("ignoring %s: it belongs to other params or data", args.checkpoint)
-            ckpt = None
 
+def resume(run: Run) -> None:
+    """Continue an interrupted run of the same params on the same data from its checkpoint, if there is one."""
+    if not run.checkpoint.exists():
+        return
+    ckpt = torch.load(run.checkpoint, map_location="cpu", weights_only=False)
+    if ckpt["run_key"] != run.key:
+        log.info("ignoring %s: it belongs to other params or data", run.checkpoint)
+        return
+    run.epochs_done, run.history, run.best = ckpt["epoch"], same_keys(ckpt["history"]), ckpt["best"]
+    load_trained_state(run.model, ckpt["model"], run.p.arch, ckpt["finetune"])
+    run.resumed = ckpt
+    log.info("resuming from %s after epoch %d of %d", run.checkpoint, run.epochs_done, run.total)
+
+
+def log_epoch(live, metrics: dict) -> None:
+    for name, value in metrics.items():
+        live.log_metric(name, value)
+    live.next_step()
+
+
+def train_phase(run: Run, live, phase: int, first: int) -> None:
+    """The epochs of one phase that are not done yet; `first` is its first epoch, counted over all phases. After
+    every epoch, a checkpoint holding everything needed to continue exactly there."""
+    p, (finetune, epochs, lr) = run.p, run.plan[phase]
+    # cached activations serve a phase that trains only what the cache stops at (the head)
+    on_cache = run.cache is not None and finetune != "all"
+    train_loader, valid_loader = make_loaders(
+        run.data, run.cache if on_cache else None, p, run.pre, run.device, run.gen
+    )
+    net = trainable_part(run.model, p.arch, finetune) if on_cache else run.model
+    if p.compile:
+        net = torch.compile(net)  # compiles at the first batch (inductor: needs a C++ compiler on CPU)
+        log.info("torch.compile: on (%s)", type(net).__name__)
+    optimizer, scheduler = make_optimizer(run.model, p, finetune, lr, epochs * len(train_loader))
+    ckpt = run.resumed
+    if ckpt is not None and ckpt["phase"] == phase and run.epochs_done > first:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+    if ckpt is not None:
+        set_rng_state(ckpt["rng"], run.gen)
+        run.resumed = None  # restored once, where the run stopped
+    log.info(
+        "%s: %d trainable parameters on %s; %d train / %d valid images",
+        finetune,
+        sum(q.numel() for q in run.model.parameters() if q.requires_grad),
+        "cached activations" if on_cache else "images" + (" (augmented)" if p.augment else ""),
+        len(train_loader.dataset),
+        len(valid_loader.dataset),
+    )
+    for epoch in range(max(run.epochs_done, first), first + epochs):
+        t0 = time.perf_counter()
+        set_train_mode(run.model, p.arch, finetune, p.freeze_bn)
+        train_loss = train_one_epoch(
+            net, train_loader, optimizer, scheduler, run.device, f"{finetune} epoch {epoch + 1}"
+        )
+        metrics = {"train_loss": train_loss, **validate(net, valid_loader, run.device)}
+        run.history.append(metrics)
+        log_epoch(live, metrics)
+        if run.best is None or p.keep == "last" or metrics["valid_log_loss"] < run.best["valid_log_loss"]:
+            run.best = {"epoch": epoch + 1, "valid_log_loss": metrics["valid_log_loss"], "finetune": finetune}
+            run.best["state"] = trained_state(run.model, p.arch, finetune)
+        checkpoint = {
+            "run_key": run.key,
+            "epoch": epoch + 1,
+            "phase": phase,
+            "finetune": finetune,
+            "model": trained_state(run.model, p.arch, finetune),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "rng": rng_state(run.gen),
+            "history": run.history,
+            "best": run.best,
+        }
+        atomic_save(checkpoint, run.checkpoint)
+        log.info(
+            "epoch %d/%d  train_loss %.4f  valid_acc %.4f  valid_log_loss %.4f  %.0fs",
+            epoch + 1, run.total, train_loss, metrics["valid_accuracy"], metrics["valid_log_loss"],
+            time.perf_counter() - t0,
+        )  # fmt: skip
+
+
+def save_kept(run: Run, path: Path) -> None:
+    """Write the kept epoch's full model (the best by validation log loss, or the last) with what export needs."""
+    p, best = run.p, run.best
+    # a later phase changed more than the best epoch's phase trained, so rebuild from the weights
+    model = fresh_model(p, run.device) if best["finetune"] != run.plan[-1][0] else run.model
+    load_trained_state(model, best["state"], p.arch, best["finetune"])
+    log.info("keeping epoch %d (%s: validation log loss %.4f)", best["epoch"], p.keep, best["valid_log_loss"])
+    saved = {
+        "model": {k: v.float().cpu() for k, v in model.state_dict().items()},
+        **run.pre,  # arch, image_size, resize_size, interpolation, mean, std: what export writes into the ONNX model
+        "classes": CLASSES,
+        "weights": p.weights,
+        "params": dataclasses.asdict(p),
+        "run_key": run.key,
+        "history": run.history,
+        "best_epoch": best["epoch"],
+    }
+    atomic_save(saved, path)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    setup_logging()
+    p = load_member(args.member, args.params)
+    if not (args.data / "manifest.csv").exists():
+        raise SystemExit(f"{args.data}/manifest.csv not found: run 'dvc repro prepare' first")
+    run = start_run(p, args.data, args.features, args.checkpoint)
+    resume(run)
     args.model.parent.mkdir(parents=True, exist_ok=True)
     from dvclive import Live  # here, not at the top: the benches import this module where DVC is not installed
 
-    # DVC removes the stage's outputs before a rerun: rebuild the curves of resumed epochs from the checkpoint
     with Live(dir=str(args.live), save_dvc_exp=False, dvcyaml=None) as live:
-        for metrics in history:
-            for name, value in metrics.items():
-                live.log_metric(name, value)
-            live.next_step()
+        for metrics in run.history:  # DVC removed the curves of the resumed epochs: rebuild them from the checkpoint
+            log_epoch(live, metrics)
         first = 0  # the phase's first epoch, counted over all phases
-        for phase, (finetune, epochs, lr) in enumerate(plan):
-            if start >= first + epochs:
-                first += epochs
-                continue  # a phase the checkpoint has finished
-            # cached activations serve a phase that trains only what the cache stops at (the head)
-            on_cache = cache is not None and finetune != "all"
-            train_loader, valid_loader = make_loaders(args.data, cache if on_cache else None, p, pre, device, gen)
-            net = trainable_part(model, p.arch, finetune) if on_cache else model
-            if p.compile:
-                net = torch.compile(net)  # compiles at the first batch (inductor: needs a C++ compiler on CPU)
-                log.info("torch.compile: on (%s)", type(net).__name__)
-            optimizer, scheduler = make_optimizer(model, p, finetune, lr, epochs * len(train_loader))
-            if ckpt is not None and ckpt["phase"] == phase and start > first:
-                optimizer.load_state_dict(ckpt["optimizer"])
-                scheduler.load_state_dict(ckpt["scheduler"])
-            if ckpt is not None and start > 0:
-                set_rng_state(ckpt["rng"], gen)
-                ckpt = None  # restored once, where the run stopped
-            log.info(
-                "%s: %d trainable parameters on %s; %d train / %d valid images",
-                finetune,
-                sum(q.numel() for q in model.parameters() if q.requires_grad),
-                "cached activations" if on_cache else "images" + (" (augmented)" if p.augment else ""),
-                len(train_loader.dataset),
-                len(valid_loader.dataset),
-            )
-            for epoch in range(max(start, first), first + epochs):
-                t0 = time.perf_counter()
-                set_train_mode(model, p.arch, finetune, p.freeze_bn)
-                desc = f"{finetune} epoch {epoch + 1}"
-                train_loss = train_one_epoch(net, train_loader, optimizer, scheduler, device, desc)
-                metrics = {"train_loss": train_loss, **validate(net, valid_loader, device)}
-                history.append(metrics)
-                for name, value in metrics.items():
-                    live.log_metric(name, value)
-                live.next_step()
-                if best is None or p.keep == "last" or metrics["valid_log_loss"] < best["valid_log_loss"]:
-                    best = {"epoch": epoch + 1, "valid_log_loss": metrics["valid_log_loss"], "finetune": finetune}
-                    best["state"] = trained_state(model, p.arch, finetune)
-                # checkpoint: everything needed to continue exactly here
-                atomic_save(
-                    {
-                        "run_key": key,
-                        "epoch": epoch + 1,
-                        "phase": phase,
-                        "finetune": finetune,
-                        "model": trained_state(model, p.arch, finetune),
-                        "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(),
-                        "rng": rng_state(gen),
-                        "history": history,
-                        "best": best,
-                    },
-                    args.checkpoint,
-                )
-                log.info(
-                    "epoch %d/%d  train_loss %.4f  valid_acc %.4f  valid_log_loss %.4f  %.0fs",
-                    epoch + 1,
-                    total,
-                    train_loss,
-                    metrics["valid_accuracy"],
-                    metrics["valid_log_loss"],
-                    time.perf_counter() - t0,
-                )
+        for phase, (_, epochs, _) in enumerate(run.plan):
+            if run.epochs_done < first + epochs:  # else the checkpoint has finished this phase
+                train_phase(run, live, phase, first)
             first += epochs
-        log_curves(live, history)
-
-    # the kept epoch: a later phase changed more than the best epoch's phase trained, so rebuild from the weights
-    if best["finetune"] != plan[-1][0]:
-        model = fresh_model(p, device)
-    load_trained_state(model, best["state"], p.arch, best["finetune"])
-    log.info("keeping epoch %d (%s: validation log loss %.4f)", best["epoch"], p.keep, best["valid_log_loss"])
-    state = {k: v.float().cpu() for k, v in model.state_dict().items()}
-    atomic_save(
-        {
-            "model": state,
-            **pre,  # arch, image_size, resize_size, interpolation, mean, std: what export writes into the ONNX model
-            "classes": CLASSES,
-            "weights": p.weights,
-            "params": dataclasses.asdict(p),
-            "run_key": key,
-            "history": history,
-            "best_epoch": best["epoch"],
-        },
-        args.model,
-    )
+        log_curves(live, run.history)
+    save_kept(run, args.model)
     args.checkpoint.unlink(missing_ok=True)  # finished: the next run with other params starts fresh
     log.info("wrote %s", args.model)
 

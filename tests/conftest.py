@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny demo data sets written into tmp_path, and one real `bentoml serve` per session."""
+"""Shared fixtures: tiny demo data sets written into tmp_path, one real `bentoml serve` per session, and the
+features and train stages run on a tiny prepared set (tests/test_train.py and tests/test_features.py)."""
 
 import os
 import shutil
@@ -176,3 +177,67 @@ def make_project(dest: Path, params_update: dict) -> Path:
     dvc(dest, "config", "core.analytics", "false")
     shutil.copytree(ROOT / ".dvc" / "plots", dest / ".dvc" / "plots")  # the plot templates dvc.yaml names
     return dest
+
+
+# --- features and train: the real stages on a tiny prepared set ---------------------------------------
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory) -> Path:
+    """data/prepared from a demo of 40 cats and 40 dogs, 4 of each held out for validation; one per test module."""
+    tmp = tmp_path_factory.mktemp("data")
+    write_demo_zip(tmp / "c.zip", tmp / "labels.csv", tiny_demo(train_per_class=40, test_count=2))
+    prepare(tmp / "c.zip", tmp / "prepared", tiny_prepare(valid_per_class=4))
+    return tmp / "prepared"
+
+
+def write_params(path: Path, **train) -> Path:
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["train"].update(dict(image_size=32, epochs=3, batch_size=8, workers=0, device="cpu"), **train)
+    path.write_text(yaml.safe_dump(params))
+    return path
+
+
+def features_cmd(work: Path, prepared: Path, params: Path) -> list[str]:
+    out = ["--out", str(work / "features"), "--params", str(params)]
+    return [sys.executable, "-m", "pipeline.features", "--data", str(prepared), *out]
+
+
+def features(work: Path, prepared: Path, params: Path) -> str:
+    """Run the features stage (train reads its output: the cache, or a note that none applies)."""
+    done = subprocess.run(features_cmd(work, prepared, params), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    return done.stderr
+
+
+def train_cmd(work: Path, prepared: Path, params: Path) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "pipeline.train",
+        "--data",
+        str(prepared),
+        "--features",
+        str(work / "features"),
+        "--model",
+        str(work / "model.pt"),
+        "--checkpoint",
+        str(work / "ckpt.pt"),
+        "--live",
+        str(work / "live"),
+        "--params",
+        str(params),
+    ]
+
+
+def run_train(work: Path, prepared: Path, params: Path) -> str:
+    features(work, prepared, params)
+    done = subprocess.run(train_cmd(work, prepared, params), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    return done.stderr
+
+
+def weights(path: Path) -> dict:
+    import torch  # here, not at the top: every test file imports this module, most without torch
+
+    return torch.load(path, weights_only=False)["model"]

@@ -20,7 +20,7 @@ def test_no_clip_when_nothing_is_wrong():
     y = np.array([0, 1, 1, 0])
     p = np.array([0.01, 0.99, 0.9, 0.2])
     clip, loss = best_clip(clip_curve(p, y, clip_max=0.2, step=0.001))
-    assert clip == 0.0 and loss == pytest.approx(log_loss(p, y))
+    assert clip == 0.0 and loss == pytest.approx(log_loss(y, p))
 
 
 def test_temperature_recovers_an_overconfident_scale():

@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 
 from pipeline.lr_find import valley
-from tests.conftest import ROOT
-from tests.test_train import features, prepared, write_params  # noqa: F401 (a fixture)
+from tests.conftest import ROOT, features, write_params
 
 
 def test_valley_is_half_way_down_the_longest_fall():

@@ -205,8 +205,13 @@ def good() -> pd.DataFrame:
 
 
 def test_a_valid_submission_passes():
-    validate_submission(good(), IDS, clip=0.05)
-    validate_submission(good().iloc[::-1], IDS, clip=0.05)  # Kaggle does not need them sorted
+    assert list(good()["label"][:2]) == [0.05, 0.95]  # at exactly the clip bounds
+    assert validate_submission(good(), IDS, clip=0.05) is None
+    assert validate_submission(good().iloc[::-1], IDS, clip=0.05) is None  # Kaggle does not need them sorted
+    # the same frame with one label a hair past the bound is refused: the checks above did run
+    past = good().assign(label=[0.05, 0.95 + 1e-6, 0.5, 0.2])
+    with pytest.raises(SubmissionError, match=r"1 labels outside \[0.05, 0.95\] \(ids 2\)"):
+        validate_submission(past, IDS, clip=0.05)
 
 
 @pytest.mark.parametrize(

@@ -1,22 +1,20 @@
-"""train: frozen layers stay frozen, and an interrupted run resumes to the very same weights."""
+"""train: frozen layers stay frozen, an interrupted run (also one killed in fine_tune's second phase) resumes to
+the very same weights, torch.compile trains what eager does, the best epoch is kept, and weights that do not load
+end the stage with what to do. The feature cache train reads is tested in tests/test_features.py."""
 
 import json
 import os
 import re
 import signal
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from pipeline.model import build_model
-from pipeline.prepare import prepare
 from pipeline.train import set_train_mode
-from tests.conftest import ROOT, tiny_prepare
+from tests.conftest import ROOT, features, features_cmd, run_train, train_cmd, weights, write_params
 
 
 def test_frozen_layers_stay_in_eval_mode():
@@ -33,67 +31,6 @@ def test_frozen_layers_stay_in_eval_mode():
     assert not lite.bn2.training and lite.classifier.training  # BatchNorm statistics fixed under a frozen body
     set_train_mode(lite, "efficientnet_lite0", "all", freeze_bn=True)  # the body trains, its BN statistics do not
     assert lite.conv_head.training and lite.classifier.training and not lite.bn2.training
-
-
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory) -> Path:
-    from pipeline.demo import write_demo_zip
-    from tests.conftest import tiny_demo
-
-    tmp = tmp_path_factory.mktemp("data")
-    write_demo_zip(tmp / "c.zip", tmp / "labels.csv", tiny_demo(train_per_class=40, test_count=2))
-    prepare(tmp / "c.zip", tmp / "prepared", tiny_prepare(valid_per_class=4))
-    return tmp / "prepared"
-
-
-def write_params(path: Path, **train) -> Path:
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["train"].update(dict(image_size=32, epochs=3, batch_size=8, workers=0, device="cpu"), **train)
-    path.write_text(yaml.safe_dump(params))
-    return path
-
-
-def features_cmd(work: Path, prepared: Path, params: Path) -> list[str]:
-    out = ["--out", str(work / "features"), "--params", str(params)]
-    return [sys.executable, "-m", "pipeline.features", "--data", str(prepared), *out]
-
-
-def features(work: Path, prepared: Path, params: Path) -> str:
-    """Run the features stage (train reads its output: the cache, or a note that none applies)."""
-    done = subprocess.run(features_cmd(work, prepared, params), cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr
-    return done.stderr
-
-
-def train_cmd(work: Path, prepared: Path, params: Path) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "pipeline.train",
-        "--data",
-        str(prepared),
-        "--features",
-        str(work / "features"),
-        "--model",
-        str(work / "model.pt"),
-        "--checkpoint",
-        str(work / "ckpt.pt"),
-        "--live",
-        str(work / "live"),
-        "--params",
-        str(params),
-    ]
-
-
-def run_train(work: Path, prepared: Path, params: Path) -> str:
-    features(work, prepared, params)
-    done = subprocess.run(train_cmd(work, prepared, params), cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr
-    return done.stderr
-
-
-def weights(path: Path) -> dict:
-    return torch.load(path, weights_only=False)["model"]
 
 
 @pytest.mark.slow
@@ -147,36 +84,6 @@ def test_model_file_rebuilds_alone(prepared, tmp_path):
     assert meta["classes"] == ("cats", "dogs") and meta["image_size"] == 32 and meta["resize_size"] == 36
     assert meta["params"]["finetune"] == "head" and len(meta["history"]) == 1
     assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 2)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("finetune", ["head", "dense"])
-def test_training_on_cached_activations_equals_training_on_images(prepared, tmp_path, finetune):
-    cached, uncached = tmp_path / "cached", tmp_path / "uncached"
-    run_train(cached, prepared, write_params(tmp_path / "a.yaml", finetune=finetune, epochs=2, feature_cache=True))
-    run_train(uncached, prepared, write_params(tmp_path / "b.yaml", finetune=finetune, epochs=2, feature_cache=False))
-    meta = json.loads((cached / "features" / "meta.json").read_text())
-    assert meta["cached"] and meta["train"]["dim"] == (4096 if finetune == "head" else 25088)
-    assert not json.loads((uncached / "features" / "meta.json").read_text())["cached"]
-    a, b = weights(cached / "model.pt"), weights(uncached / "model.pt")
-    for name in a:
-        torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=1e-4, msg=name)
-    ha = torch.load(cached / "model.pt", weights_only=False)["history"]
-    hb = torch.load(uncached / "model.pt", weights_only=False)["history"]
-    for ma, mb in zip(ha, hb, strict=True):
-        assert ma == pytest.approx(mb, rel=1e-4, abs=1e-5)
-
-
-def test_cache_is_refused_when_it_does_not_match(prepared, tmp_path):
-    features(tmp_path, prepared, write_params(tmp_path / "a.yaml", seed=1))
-    done = subprocess.run(
-        train_cmd(tmp_path, prepared, write_params(tmp_path / "b.yaml", seed=2)),
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode != 0 and "run 'dvc repro features'" in done.stderr
 
 
 @pytest.mark.slow
