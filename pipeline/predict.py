@@ -275,7 +275,6 @@ def main(argv=None) -> None:
     metrics = {
         "n": len(df),
         "members": {m: {**info, "weight": weights[m]} for m, (_, _, info) in members.items()},
-        "images_per_second": round(len(images) / seconds, 1) if images else 0.0,
         "tta": p.tta,
         "temperature": temperature,  # None: the clip alone
         "clip": clip,
@@ -292,7 +291,7 @@ def main(argv=None) -> None:
     atomic_write_text(args.metrics, json.dumps(metrics, indent=2) + "\n")
     log.info(
         "wrote %s: %d rows, %d member(s), clip %.4f, %d unreadable; %.1f images/s",
-        args.submission, len(df), len(members), clip, len(unreadable), metrics["images_per_second"],
+        args.submission, len(df), len(members), clip, len(unreadable), len(images) / seconds if images else 0.0,
     )  # fmt: skip
 
 

@@ -82,7 +82,7 @@ def test_every_expected_id_sorted_and_clipped(project, caplog):
         expected = 0.5 if i in unreadable else 0.95 if i in DOGS else 0.05  # confident, so clipped
         assert label == expected, i
     assert metrics["n"] == len(SAMPLE_IDS) and metrics["clip"] == 0.05 and metrics["members"]["m"]["provider"] == "cpu"
-    assert metrics["images_per_second"] > 0 and metrics["tta"] is False
+    assert "images_per_second" not in metrics and metrics["tta"] is False
     # the unreadable ids are reported with the reason, in the metrics and the log
     reasons = {u["id"]: u["reason"] for u in metrics["unreadable"]}
     assert set(reasons) == unreadable and metrics["n_unreadable"] == 3
