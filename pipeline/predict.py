@@ -266,7 +266,7 @@ def main(argv=None) -> None:
 
     if args.member_logits is not None:  # each member's own test predictions, for a look at the members alone
         for name, z in logits.items():
-            rows = "".join(f"{i},{z[i]!r}\n" for i in sorted(z))
+            rows = "".join(f"{i},{float(z[i])!r}\n" for i in sorted(z))
             atomic_write_text(args.member_logits / f"{name}.csv", "id,logit\n" + rows)
 
     # 4. the checked submission, and its metrics (scored when the demo's hidden labels are there)

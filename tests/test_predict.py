@@ -67,6 +67,7 @@ def run_predict(project, labels="labels.csv", **params):
         "--blend", str(project / "metrics" / "blend.json"), "--labels", str(project / labels),
         "--submission", str(project / "submissions" / "submission.csv"),
         "--metrics", str(project / "metrics" / "predict.json"), "--params", str(project / "params.yaml"),
+        "--member-logits", str(project / "predictions" / "test"),
     ])  # fmt: skip
     text = (project / "submissions" / "submission.csv").read_text()
     return text, pd.read_csv(io.StringIO(text)), json.loads((project / "metrics" / "predict.json").read_text())
@@ -136,7 +137,10 @@ def test_two_members_are_blended_by_their_weights_each_with_its_own_preprocessin
         onnx_dir = project / "models" / "onnx" / name
         meta, (session, _) = read_metadata(onnx_dir), make_session(onnx_dir, "cpu")
         x = preprocess_as(load_image(project / "data" / "prepared" / "test" / "unknown" / "7.jpg", 10**6), meta)
-        z += w * member_logits(session, meta, x[None], tta=True)[0]
+        own = member_logits(session, meta, x[None], tta=True)[0]
+        written = pd.read_csv(project / "predictions" / "test" / f"{name}.csv").set_index("id")["logit"]
+        assert written.dtype == np.float64 and written[7] == own  # each member's own test logits, exactly
+        z += w * own
     assert float(df.loc[df["id"] == 7, "label"].iloc[0]) == pytest.approx(1 / (1 + np.exp(-z / 2.0)), abs=1e-6)
     (project / "metrics" / "blend.json").write_text(json.dumps({**blend, "weights": {"m": 0.5, "gone": 0.5}}))
     with pytest.raises(SystemExit, match=r"models/onnx/gone/model.onnx not found"):
