@@ -1,0 +1,70 @@
+"""Serving one member or the blend: batch-1 latency of each member's ONNX model and of all of them in turn.
+
+`python bench/blend_latency.py PROJECT [--members lite0 lite1 lite2]`, PROJECT a project where `make
+offline-ensemble` ran (its models/onnx/<member>/ and a test image). For each variant (fp32; int8 where export
+kept it) every member runs one image, interleaved so each sees the same load on the cores; the median of 15
+rounds. The blend's latency is the sum: the service would run the members one after another on the same cores.
+Prints JSON with the CPU; issue 15 asks whether the blend stays under 2x the single model's latency.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from pipeline.data import load_image, make_session, preprocess_as, read_metadata  # noqa: E402
+
+
+def latencies(project: Path, members: list[str], variant: str, rounds: int = 15) -> dict[str, float]:
+    """Median ms per member at batch 1, and of all members in turn."""
+    image = sorted((project / "data" / "prepared" / "test" / "unknown").glob("*.jpg"))[0]
+    runs = {}
+    for member in members:
+        onnx_dir = project / "models" / "onnx" / member
+        meta = read_metadata(onnx_dir)
+        session, _ = make_session(onnx_dir, "cpu", variant)
+        x = preprocess_as(load_image(image, 10**8), meta)[None]
+        runs[member] = lambda s=session, m=meta, x=x: s.run([m["output_name"]], {m["input_name"]: x})
+    for run in runs.values():
+        run()  # warm up
+    times = {member: [] for member in runs}
+    together = []
+    for _ in range(rounds):
+        total = 0.0
+        for member, run in runs.items():
+            t0 = time.perf_counter()
+            run()
+            times[member].append(time.perf_counter() - t0)
+            total += times[member][-1]
+        together.append(total)
+    result = {member: round(1000 * statistics.median(t), 1) for member, t in times.items()}
+    result["blend"] = round(1000 * statistics.median(together), 1)
+    return result
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("project", type=Path)
+    parser.add_argument("--members", nargs="+", default=["lite0", "lite1", "lite2"])
+    args = parser.parse_args(argv)
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    flags = sorted({f for f in ("avx2", "avx512f", "avx512_vnni") if f" {f} " in info})
+    out = {"cpu": {"flags": flags, "cores": os.cpu_count()}}
+    for variant in ("fp32", "int8"):
+        if all((args.project / "models" / "onnx" / m / "model.int8.onnx").exists() for m in args.members) or (
+            variant == "fp32"
+        ):
+            out[variant] = latencies(args.project, args.members, variant)
+            slowest = max(v for k, v in out[variant].items() if k != "blend")  # the kindest comparison for the blend
+            out[variant]["blend_over_slowest_member"] = round(out[variant]["blend"] / slowest, 2)
+    print(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()
