@@ -68,6 +68,11 @@ def fit_weights(zs: np.ndarray, y: np.ndarray) -> np.ndarray:
     return w / w.sum()
 
 
+def member_weights(zs: np.ndarray, y: np.ndarray, method: str) -> np.ndarray:
+    """The members' weights: equal (`mean`, and always for one member), or fitted on (zs, y) (`fit`)."""
+    return fit_weights(zs, y) if method == "fit" and len(zs) > 1 else np.full(len(zs), 1.0 / len(zs))
+
+
 def fold_log_loss(zs: np.ndarray, y: np.ndarray, method: str, folds: int, seed: int = 0) -> float:
     """The log loss of the blend on held-out folds of validation: weights (for `fit`) and temperature fitted on
     the other folds, so the figure is what a fit gains on images it has not seen."""
@@ -76,7 +81,7 @@ def fold_log_loss(zs: np.ndarray, y: np.ndarray, method: str, folds: int, seed: 
     for k in range(folds):
         held = order[k::folds]
         rest = np.setdiff1d(order, held)
-        w = fit_weights(zs[:, rest], y[rest]) if method == "fit" else np.full(len(zs), 1.0 / len(zs))
+        w = member_weights(zs[:, rest], y[rest], method)
         t = fit_temperature(as_two_class_logits(w @ zs[:, rest]), y[rest])
         p[held] = expit(w @ zs[:, held] / t)
     return log_loss(y, p)
@@ -108,7 +113,7 @@ def blend(zs: np.ndarray, y: np.ndarray, names: list[str], bp: BlendParams, ep: 
     members = {}
     for name, z in zip(names, zs, strict=True):
         members[name], _ = evaluate(two_class_probs(z), as_two_class_logits(z), y, ep)
-    weights = fit_weights(zs, y) if bp.method == "fit" and len(zs) > 1 else np.full(len(zs), 1.0 / len(zs))
+    weights = member_weights(zs, y, bp.method)
     z = weights @ zs
     logits = as_two_class_logits(z)
     metrics, curve = evaluate(two_class_probs(z), logits, y, ep)

@@ -76,14 +76,9 @@ def resolve_calibration(setting: str | float, evaluate_metrics: Path) -> tuple[f
     return temperature, float(clip)
 
 
-def scale_temperature(probs: np.ndarray, dog: int, temperature: float) -> np.ndarray:
-    """P(dog) of softmax(logits / T) from the model's softmax output (N, 2): for two classes it depends only on
-    the logit difference, log P(dog) - log P(cat), so the ONNX model's probabilities are enough."""
-    return 1 / (1 + np.exp(-logit_difference(probs, dog) / temperature))
-
-
 def logit_difference(probs: np.ndarray, dog: int) -> np.ndarray:
-    """z_dog - z_cat from the softmax output (N, 2), as float64."""
+    """z_dog - z_cat from the softmax output (N, 2), as float64: for two classes softmax(logits / T) depends only on
+    it, so the ONNX model's probabilities are enough to scale a temperature (and to blend members)."""
     p = np.maximum(probs.astype(np.float64), np.finfo(np.float32).tiny)  # a P that underflowed to 0
     return np.log(p[:, dog]) - np.log(p[:, 1 - dog])
 

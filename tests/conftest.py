@@ -35,6 +35,18 @@ def dvc(project: Path, *args: str, env: dict | None = None) -> str:
     return done.stdout + done.stderr
 
 
+# the demo shrunk for an end-to-end `dvc repro`: a few dozen 48-80 px images, a handful of validation and test ones
+TINY_DEMO = {
+    "fetch.demo.train_per_class": 16,
+    "fetch.demo.test_count": 6,
+    "fetch.demo.min_side": 48,
+    "fetch.demo.max_side": 80,
+    "prepare.valid_per_class": 4,
+    "prepare.sample_train_per_class": 2,
+    "prepare.sample_valid_per_class": 2,
+}
+
+
 def tiny_demo(**overrides) -> DemoParams:
     values = dict(
         seed=7, train_per_class=20, test_count=10, min_side=48, max_side=80, mislabel_fraction=0.05, hard_fraction=0.1

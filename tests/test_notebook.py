@@ -9,18 +9,12 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-from tests.conftest import ROOT, make_project, tool_env
+from tests.conftest import ROOT, TINY_DEMO, make_project, tool_env
 
 NOTEBOOK = ROOT / "notebooks" / "lesson1.ipynb"
 # the demo shrunk to a few dozen 48-80 px images and a 32 px VGG16: the whole notebook in a few minutes on 2 cores
 TINY = {
-    "fetch.demo.train_per_class": 16,
-    "fetch.demo.test_count": 6,
-    "fetch.demo.min_side": 48,
-    "fetch.demo.max_side": 80,
-    "prepare.valid_per_class": 4,
-    "prepare.sample_train_per_class": 2,
-    "prepare.sample_valid_per_class": 2,
+    **TINY_DEMO,
     "train.image_size": 32,
     "train.epochs": 2,
     "train.batch_size": 8,

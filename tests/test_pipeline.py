@@ -17,7 +17,7 @@ import yaml
 
 from pipeline.data import open_model
 from pipeline.demo import write_demo_zip
-from tests.conftest import BIN, ROOT, dvc, make_project, run, tiny_demo, tool_env
+from tests.conftest import BIN, ROOT, TINY_DEMO, dvc, make_project, run, tiny_demo, tool_env
 
 pytestmark = pytest.mark.slow
 
@@ -111,13 +111,8 @@ def test_dvc_repro_predict_makes_a_scored_submission(tmp_path):
     project = make_project(
         tmp_path / "project",
         {
-            "fetch.demo.train_per_class": 16,
+            **TINY_DEMO,
             "fetch.demo.test_count": 12,
-            "fetch.demo.min_side": 48,
-            "fetch.demo.max_side": 80,
-            "prepare.valid_per_class": 4,
-            "prepare.sample_train_per_class": 2,
-            "prepare.sample_valid_per_class": 2,
             "train.image_size": 32,
             "train.epochs": 1,
             "train.lr": 0.03,  # the demo's 0.1 (40 epochs) blows one epoch on 32 images up: P near 0/1, all wrong
@@ -338,13 +333,7 @@ def test_dvc_repro_predict_with_the_offline_recipe_on_a_timm_backbone(tmp_path):
     project = make_project(
         tmp_path / "project",
         {
-            "fetch.demo.train_per_class": 16,
-            "fetch.demo.test_count": 6,
-            "fetch.demo.min_side": 48,
-            "fetch.demo.max_side": 80,
-            "prepare.valid_per_class": 4,
-            "prepare.sample_train_per_class": 2,
-            "prepare.sample_valid_per_class": 2,
+            **TINY_DEMO,
             "train.arch": "efficientnet_lite0",
             "train.weights": "imagenet",
             "train.image_size": 64,
@@ -395,13 +384,8 @@ def test_a_two_member_blend_through_dvc_repro_and_one_member_changed_reruns_only
     project = make_project(
         tmp_path / "project",
         {
-            "fetch.demo.train_per_class": 16,
-            "fetch.demo.test_count": 6,
-            "fetch.demo.min_side": 48,
-            "fetch.demo.max_side": 80,
+            **TINY_DEMO,
             "prepare.valid_per_class": 6,
-            "prepare.sample_train_per_class": 2,
-            "prepare.sample_valid_per_class": 2,
             "train.image_size": 32,
             "train.epochs": 1,
             "train.batch_size": 8,

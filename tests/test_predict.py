@@ -16,7 +16,7 @@ from PIL import Image
 
 from pipeline import predict
 from pipeline.data import SubmissionError, load_image, make_session, preprocess_as, read_metadata, validate_submission
-from pipeline.predict import decoded_batches, member_logits, run_model, scale_temperature
+from pipeline.predict import decoded_batches, logit_difference, member_logits, run_model
 from tests.conftest import ROOT
 from tests.test_data import write_tiny_onnx
 
@@ -147,12 +147,13 @@ def test_two_members_are_blended_by_their_weights_each_with_its_own_preprocessin
         run_predict(project, clip="evaluate")
 
 
-def test_scale_temperature_is_softmax_of_the_scaled_logits():
+def test_the_logit_difference_scaled_is_softmax_of_the_scaled_logits():
     logits = np.array([[2.0, -3.0], [0.0, 0.0], [-40.0, 45.0], [1.0, 1.5]])
     for t in (0.5, 1.0, 2.7):
         expected = torch.softmax(torch.from_numpy(logits / t), 1)[:, 1].numpy()
         probs = torch.softmax(torch.from_numpy(logits), 1).numpy().astype(np.float32)  # what the ONNX model gives
-        np.testing.assert_allclose(scale_temperature(probs, 1, t), expected, rtol=1e-5, atol=1e-7)
+        scaled = 1 / (1 + np.exp(-logit_difference(probs, 1) / t))  # what run_model and predict compute
+        np.testing.assert_allclose(scaled, expected, rtol=1e-5, atol=1e-7)
 
 
 def test_without_labels_nothing_is_scored(project, caplog):

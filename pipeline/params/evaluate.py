@@ -1,8 +1,4 @@
-"""The evaluate and blend sections: validation metrics and the calibration fitted there.
-
-One frozen dataclass per section of params.yaml; `pipeline.config.load_params` fills it, checking every key and
-type. A stage depends (dvc.yaml) on the modules here that it reads, so a change to another section's fields reruns
-nothing of it."""
+"""The evaluate and blend sections: validation metrics and the calibration fitted there."""
 
 from __future__ import annotations
 

@@ -1,8 +1,4 @@
-"""The predict section: the submission.
-
-One frozen dataclass per section of params.yaml; `pipeline.config.load_params` fills it, checking every key and
-type. A stage depends (dvc.yaml) on the modules here that it reads, so a change to another section's fields reruns
-nothing of it."""
+"""The predict section: the submission."""
 
 from __future__ import annotations
 

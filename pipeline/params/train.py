@@ -1,8 +1,4 @@
-"""The train, features and lr_find sections, and the members: each member is train with its overrides.
-
-One frozen dataclass per section of params.yaml; `pipeline.config.load_params` fills it, checking every key and
-type. A stage depends (dvc.yaml) on the modules here that it reads, so a change to another section's fields reruns
-nothing of it."""
+"""The train, features and lr_find sections, and the members: each member is train with its overrides."""
 
 from __future__ import annotations
 
@@ -62,7 +58,7 @@ RESERVED_MEMBERS = {"blend", "onnx"}  # blend: the blend's row in the metrics; o
 
 def member_names(path: str | Path = PARAMS_FILE) -> list[str]:
     """The members of params.yaml, in their order; each name must be usable as a folder name."""
-    return list(_members(path))
+    return list(_members(load_yaml(path), path))
 
 
 def load_member(name: str | None, path: str | Path = PARAMS_FILE) -> TrainParams:
@@ -72,7 +68,7 @@ def load_member(name: str | None, path: str | Path = PARAMS_FILE) -> TrainParams
         raise ConfigError(f"{path}: section 'train' is missing")
     train = data["train"]
     if name is not None:
-        members = _members(path)
+        members = _members(data, path)
         if name not in members:
             raise ConfigError(f"{path}: no member '{name}' in members (there are: {', '.join(members)})")
         if not isinstance(train, dict):
@@ -84,8 +80,9 @@ def load_member(name: str | None, path: str | Path = PARAMS_FILE) -> TrainParams
     return from_dict(TrainParams, train, "train" if name is None else f"train + members.{name}")
 
 
-def _members(path: str | Path) -> dict[str, dict]:
-    members = load_yaml(path).get("members")
+def _members(data: dict, path: str | Path) -> dict[str, dict]:
+    """params.yaml's `members` (`data`, read from `path`), each name checked."""
+    members = data.get("members")
     if not isinstance(members, dict) or not members:
         raise ConfigError(f"{path}: 'members' must map each model's name to its overrides of train, e.g. lite0: {{}}")
     for name, overrides in members.items():
