@@ -41,7 +41,7 @@ DEMO_PARAMS = fetch.source=demo prepare.valid_per_class=150 train.weights=none t
 # what the messages of the repro recipe call it (make offline runs it too)
 GOAL ?= repro
 
-.PHONY: install demo test repro offline offline-ensemble plots submit serve lint clean bench
+.PHONY: install demo test repro offline offline-ensemble plots submit serve lint clean bench tidy
 
 install: $(VENV)/.installed
 
@@ -55,6 +55,7 @@ $(VENV)/.installed: pyproject.toml
 demo: install
 	$(BIN)/python -m pipeline.setparams params.yaml $(DEMO_PARAMS) --unless fetch.source=demo
 	$(BIN)/dvc repro
+	$(BIN)/python -m pipeline.tidy
 	$(BIN)/python -m serving.smoke data/prepared/test/unknown/1.jpg
 
 test: install
@@ -72,7 +73,7 @@ repro: install
 	  echo "make $(GOAL): params.yaml put back as it was before an interrupted make $(GOAL)" >&2; fi
 	@cp params.yaml .params.yaml.before-repro
 	@trap 'mv -f .params.yaml.before-repro params.yaml; echo "make $(GOAL) interrupted; params.yaml is back as it was before" >&2; exit 130' INT TERM; \
-	if $(BIN)/dvc exp run $(addprefix -S ,$(KAGGLE_PARAMS)); then rm -f .params.yaml.before-repro; else \
+	if $(BIN)/dvc exp run $(addprefix -S ,$(KAGGLE_PARAMS)); then rm -f .params.yaml.before-repro; $(BIN)/python -m pipeline.tidy; else \
 	  mv -f .params.yaml.before-repro params.yaml; \
 	  echo "make $(GOAL) failed (see above); params.yaml is back as it was before, and 'make demo' runs the demo" >&2; \
 	  exit 1; fi
@@ -91,6 +92,11 @@ offline-ensemble:
 $(VENV)/.offline: $(VENV)/.installed
 	$(BIN)/python -m pip install --quiet -e '.[offline]'
 	touch $@
+
+# remove what killed training runs left and DVC restored from its run cache instead of resuming (a plain
+# `dvc repro` runs no code then); the targets above run it after the pipeline
+tidy: install
+	$(BIN)/python -m pipeline.tidy
 
 # every chart of `dvc plots show`, drawn with no network (the Vega scripts inlined): then open dvc_plots/index.html
 plots: install

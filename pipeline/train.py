@@ -15,8 +15,9 @@ A checkpoint is written atomically after every epoch, holding only what trains (
 parameters for VGG16's `head`, not its 537 MB) with the optimizer, schedule and RNG states; the frozen
 layers are rebuilt from `train.weights` and the seed. An interrupted run (Ctrl-C, kill) resumes from
 it on the next `dvc repro`, if the params and the prepared data are unchanged, and ends with the same
-bytes as an uninterrupted run. The final `models/model.pt` holds the weights and everything needed to
-rebuild the model (arch, classes, preprocessing, params), so export, predict and serving need nothing else.
+bytes as an uninterrupted run (a checkpoint left by a run DVC never resumes: pipeline/tidy.py). The final
+`models/model.pt` holds the weights and everything needed to rebuild the model (arch, classes,
+preprocessing, params), so export, predict and serving need nothing else.
 Metrics per epoch go through DVCLive (`dvclive/`); `dvc plots show` draws the learning curves.
 """
 
@@ -404,6 +405,9 @@ def main(argv=None) -> None:
     p = load_member(args.member, args.params)
     if not (args.data / "manifest.csv").exists():
         raise SystemExit(f"{args.data}/manifest.csv not found: run 'dvc repro prepare' first")
+    if args.model.exists():  # as dvc repro does: a model beside a checkpoint means its run was abandoned (tidy.py)
+        args.model.unlink()
+        log.info("removed the previous %s", args.model)
     run = start_run(p, args.data, args.features, args.checkpoint)
     resume(run)
     args.model.parent.mkdir(parents=True, exist_ok=True)

@@ -288,9 +288,10 @@ def test_replacing_the_zip_in_downloads_reruns_fetch(tmp_path):
     assert raw.read_bytes() == zip_path.read_bytes()
 
 
-def test_a_killed_train_restored_from_the_run_cache_leaves_its_own_metrics(tmp_path):
+def test_a_killed_train_restored_from_the_run_cache_leaves_its_own_metrics_and_no_checkpoint(tmp_path):
     """Kill train midway through other params, go back: DVC restores the earlier run from its run cache, and the
-    learning-curve metrics must be that run's, not the killed epoch's."""
+    learning-curve metrics must be that run's, not the killed epoch's. The killed run's checkpoint, kept while it
+    could resume, is removed by `make tidy` (pipeline/tidy.py) once the restored model sits beside it."""
     tiny = {
         "fetch.demo.train_per_class": 30,
         "fetch.demo.test_count": 4,
@@ -317,10 +318,18 @@ def test_a_killed_train_restored_from_the_run_cache_leaves_its_own_metrics(tmp_p
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert metrics.read_bytes() != before, "the killed run did not get to write its metrics"
+    checkpoint = project / "models" / "model.checkpoint.pt"
+    tidy = [str(BIN / "python"), "-m", "pipeline.tidy"]
+    subprocess.run(tidy, cwd=project, env=tool_env(), check=True)
+    assert checkpoint.exists(), "tidy removed the checkpoint of a run that can still resume"
     (project / "params.yaml").write_text(params)
     log = dvc(project, "repro", "train")
     assert "Running stage 'train@model'" not in log or "run-cache" in log, log
     assert metrics.read_bytes() == before
+    assert checkpoint.exists()  # dvc repro ran no code of ours
+    out = subprocess.run(tidy, cwd=project, env=tool_env(), check=True, capture_output=True, text=True)
+    assert not checkpoint.exists() and "removed models/model.checkpoint.pt" in out.stderr, out.stderr
+    assert (project / "models" / "model.pt").exists()
 
 
 def test_dvc_repro_predict_with_the_offline_recipe_on_a_timm_backbone(tmp_path):

@@ -74,6 +74,7 @@ def test_checkpoint_of_other_params_is_not_resumed(prepared, tmp_path):
     torch.save({"run_key": "someone-else", "epoch": 1}, work / "ckpt.pt")
     log = run_train(work, prepared, write_params(tmp_path / "b.yaml", epochs=1, seed=3))
     assert "belongs to other params or data" in log and "resuming" not in log
+    assert "removed the previous" in log  # as dvc repro does: a model beside a checkpoint marks it abandoned
 
 
 def test_model_file_rebuilds_alone(prepared, tmp_path):
