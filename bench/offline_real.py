@@ -8,7 +8,7 @@
    wall times, and the whole run's time is measured against the issue's 45 minutes on 2 CPU cores.
 2. Score `submissions/submission.csv` once against the test labels (the recipe was chosen on validation).
 3. For the table beside it: the same model without TTA and calibration on the test images (PyTorch, the
-   model's own preprocessing), and a head-only run of the pipeline (`dvc exp run -S train.finetune=head ...`
+   model's own preprocessing; after `train.refit`, also the weights chosen on validation), and a head-only run of the pipeline (`dvc exp run -S train.finetune=head ...`
    on the same cached features) scored the same way.
 
 Writes bench/results/offline_real.json with the CPU model and instruction set.
@@ -110,15 +110,16 @@ def ensemble(project: Path, labels: pd.DataFrame, results: dict) -> dict:
     return results
 
 
-def plain_test_scores(project: Path, labels: pd.DataFrame) -> dict:
-    """models/model.pt on the test images with no TTA and no calibration (PyTorch, its own preprocessing)."""
+def plain_test_scores(project: Path, labels: pd.DataFrame, validated: bool = False) -> dict:
+    """models/model.pt on the test images with no TTA and no calibration (PyTorch, its own preprocessing);
+    `validated`: the weights chosen on validation rather than their refit on train + valid (train.refit)."""
     sys.path.insert(0, str(project))
     import torch
     from PIL import Image
 
     from pipeline.model import eval_transform, load_model
 
-    model, meta = load_model(project / "models" / "model.pt")
+    model, meta = load_model(project / "models" / "model.pt", validated=validated)
     transform = eval_transform(meta)
     folder = project / "data" / "prepared" / "test" / "unknown"
     ids = labels["id"].to_numpy()
@@ -178,8 +179,10 @@ def main(argv=None) -> None:
         "fine_tuned_best_epoch": {k: history[best - 1][k] for k in ("valid_accuracy", "valid_log_loss")},
         "fine_tuned_tta_calibrated": metrics,
     }
+    results["refit"] = ckpt.get("refit", False)  # the submitted model retrained on train + valid
     results["test"] = {
         "fine_tuned_plain": plain_test_scores(project, labels),
+        **({"fine_tuned_plain_before_refit": plain_test_scores(project, labels, True)} if results["refit"] else {}),
         "fine_tuned_tta_calibrated": score_submission(project / "submissions" / "submission.csv", labels),
     }
     predict = json.loads((project / "metrics" / "predict.json").read_text())

@@ -156,7 +156,7 @@ def main(argv=None) -> None:
     p = load_params(EvaluateParams, "evaluate", args.params)
     device = pick_device("auto")
     try:
-        model, meta = load_model(args.model, device)
+        model, meta = load_model(args.model, device, validated=True)  # after a refit, the model chosen on valid
     except FileNotFoundError as e:
         raise SystemExit(str(e)) from None
     tta = load_value("predict", "tta", bool, args.params)  # fit the calibration on what predict makes
@@ -166,6 +166,7 @@ def main(argv=None) -> None:
     probs = softmax(logits)
     metrics, curve = evaluate(probs, logits, y, p)
     metrics["tta"] = tta
+    metrics["refit"] = bool(meta.get("refit"))  # the submitted model: these weights retrained on train + valid
 
     # plots: per-image predictions (DVC's confusion plot), the clip curve, and the lesson's image grids
     names = [meta["classes"][i].rstrip("s") for i in range(len(meta["classes"]))]

@@ -316,15 +316,16 @@ def train_transform(pre: dict, augment: bool, min_scale: float = 0.35) -> v2.Com
     )
 
 
-def load_model(path: str | os.PathLike, device: str = "cpu") -> tuple[nn.Module, dict]:
-    """The trained model (eval mode) and its metadata, from `models/model.pt` alone."""
+def load_model(path: str | os.PathLike, device: str = "cpu", validated: bool = False) -> tuple[nn.Module, dict]:
+    """The trained model (eval mode) and its metadata, from `models/model.pt` alone. `validated`: the weights chosen
+    on validation, which differ from the submitted ones after `train.refit` (trained on train + valid)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: run 'dvc repro train' first")
     ckpt = torch.load(path, map_location=device, weights_only=False)
     model = build_model(ckpt["arch"], "none", len(ckpt["classes"]))
-    model.load_state_dict(ckpt["model"])
-    return model.to(device).eval(), {k: v for k, v in ckpt.items() if k != "model"}
+    model.load_state_dict(ckpt["validated_model" if validated and ckpt.get("refit") else "model"])
+    return model.to(device).eval(), {k: v for k, v in ckpt.items() if k not in ("model", "validated_model")}
 
 
 def pick_device(choice: str) -> torch.device:

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from sklearn.metrics import log_loss
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import ConcatDataset, DataLoader, Dataset
 from torchvision.datasets import ImageFolder
 from tqdm import tqdm
 
@@ -130,20 +130,28 @@ class ArrayDataset(Dataset):
 
 
 def make_loaders(
-    data: Path, cache: dict | None, p: TrainParams, pre: dict, device: torch.device, gen: torch.Generator
+    data: Path,
+    cache: dict | None,
+    p: TrainParams,
+    pre: dict,
+    device: torch.device,
+    gen: torch.Generator,
+    fit_on: tuple[str, ...] = ("train",),
 ) -> tuple[DataLoader, DataLoader]:
-    """Train and valid loaders over images, or over cached activations when `cache` is given.
-    Both shuffle with the same seeded generator `gen`, so both paths see the same batches."""
+    """Loaders over the splits `fit_on` (shuffled, augmented) and over valid, of images or of cached activations
+    when `cache` is given. Both paths shuffle with the same seeded generator `gen`, so they see the same batches."""
     if cache is not None:
-        train_ds, valid_ds = (ArrayDataset(*cache[s]) for s in ("train", "valid"))
+        fit = [ArrayDataset(*cache[s]) for s in fit_on]
+        valid_ds = ArrayDataset(*cache["valid"])
         workers = 0  # reading a memmap row is cheaper than handing it between processes
     else:
-        train_ds = ImageFolder(data / "train", transform=train_transform(pre, p.augment, p.min_scale))
+        fit = [ImageFolder(data / s, transform=train_transform(pre, p.augment, p.min_scale)) for s in fit_on]
         valid_ds = ImageFolder(data / "valid", transform=train_transform(pre, False))
-        for ds in (train_ds, valid_ds):
+        for ds in (*fit, valid_ds):
             if tuple(ds.classes) != CLASSES:
                 raise SystemExit(f"{ds.root} holds {ds.classes}, expected {list(CLASSES)}: run 'dvc repro prepare'")
         workers = p.workers
+    train_ds = fit[0] if len(fit) == 1 else ConcatDataset(fit)
     # no persistent_workers: fresh workers each epoch draw their seeds from `gen`, whose state the checkpoint
     # keeps, so a resumed run augments exactly as an uninterrupted one (persistent ones seed once, at start)
     kw = dict(batch_size=p.batch_size, num_workers=workers, pin_memory=device.type == "cuda")
@@ -379,15 +387,48 @@ def train_phase(run: Run, live, phase: int, first: int) -> None:
         )  # fmt: skip
 
 
-def save_kept(run: Run, path: Path) -> None:
-    """Write the kept epoch's full model (the best by validation log loss, or the last) with what export needs."""
+def refit(run: Run) -> nn.Module:
+    """Train again from the start on train + valid, the same plan and schedules stopped at the kept epoch: the model
+    submitted and served has seen 20% more images. Nothing is left to validate it on, so the kept epoch's model
+    gives the validation figures and the calibration. Not checkpointed: a killed refit starts over."""
+    p, stop = run.p, run.best["epoch"]
+    model, gen = fresh_model(p, run.device), torch.Generator().manual_seed(p.seed)
+    first = 0
+    for finetune, epochs, lr in run.plan:
+        on_cache = run.cache is not None and finetune != "all"
+        loader, _ = make_loaders(
+            run.data, run.cache if on_cache else None, p, run.pre, run.device, gen, ("train", "valid")
+        )
+        net = trainable_part(model, p.arch, finetune) if on_cache else model
+        # the whole phase's schedule, so each epoch trains at the learning rates the kept run's epoch did
+        optimizer, scheduler = make_optimizer(model, p, finetune, lr, epochs * len(loader))
+        for epoch in range(first, min(first + epochs, stop)):
+            t0 = time.perf_counter()
+            set_train_mode(model, p.arch, finetune, p.freeze_bn)
+            loss = train_one_epoch(net, loader, optimizer, scheduler, run.device, f"refit {finetune} epoch {epoch + 1}")
+            log.info("refit epoch %d/%d on %d images  train_loss %.4f  %.0fs",
+                     epoch + 1, stop, len(loader.dataset), loss, time.perf_counter() - t0)  # fmt: skip
+        first += epochs
+    return model
+
+
+def kept_model(run: Run) -> nn.Module:
+    """The kept epoch's full model: the best by validation log loss, or the last."""
     p, best = run.p, run.best
     # a later phase changed more than the best epoch's phase trained, so rebuild from the weights
     model = fresh_model(p, run.device) if best["finetune"] != run.plan[-1][0] else run.model
     load_trained_state(model, best["state"], p.arch, best["finetune"])
     log.info("keeping epoch %d (%s: validation log loss %.4f)", best["epoch"], p.keep, best["valid_log_loss"])
+    return model
+
+
+def save_model(run: Run, kept: nn.Module, refitted: nn.Module | None, path: Path) -> None:
+    """Write the submitted model (the refit, or the kept epoch's) with what export needs; after a refit, the kept
+    epoch's weights too, as `validated_model`: what evaluate scores and calibrates."""
+    p, best = run.p, run.best
+    weights = [("model", refitted or kept)] + ([("validated_model", kept)] if refitted is not None else [])
     saved = {
-        "model": {k: v.float().cpu() for k, v in model.state_dict().items()},
+        **{name: {k: v.float().cpu() for k, v in m.state_dict().items()} for name, m in weights},
         **run.pre,  # arch, image_size, resize_size, interpolation, mean, std: what export writes into the ONNX model
         "classes": CLASSES,
         "weights": p.weights,
@@ -395,6 +436,7 @@ def save_kept(run: Run, path: Path) -> None:
         "run_key": run.key,
         "history": run.history,
         "best_epoch": best["epoch"],
+        "refit": refitted is not None,  # model: trained on train + valid for best_epoch epochs
     }
     atomic_save(saved, path)
 
@@ -422,7 +464,8 @@ def main(argv=None) -> None:
                 train_phase(run, live, phase, first)
             first += epochs
         log_curves(live, run.history)
-    save_kept(run, args.model)
+    kept = kept_model(run)
+    save_model(run, kept, refit(run) if p.refit else None, args.model)
     args.checkpoint.unlink(missing_ok=True)  # finished: the next run with other params starts fresh
     log.info("wrote %s", args.model)
 

@@ -165,3 +165,29 @@ def test_the_epoch_with_the_lowest_validation_log_loss_is_kept(prepared, tmp_pat
     from sklearn.metrics import log_loss
 
     assert log_loss(y, p_dog, labels=[0, 1]) == pytest.approx(min(losses), abs=1e-5)
+
+
+@pytest.mark.slow
+def test_refit_trains_on_train_and_valid_up_to_the_kept_epoch_and_keeps_the_validated_weights(prepared, tmp_path):
+    """train.refit: the same run, then the same plan again on train + valid, stopped at the kept epoch. model.pt's
+    `model` is the refit (exported, submitted, served); `validated_model` is, tensor for tensor, what the run without
+    refit keeps, and is what evaluate scores (load_model(validated=True))."""
+    from pipeline.model import load_model
+
+    plain, refit = tmp_path / "plain", tmp_path / "refit"
+    run_train(plain, prepared, write_params(tmp_path / "a.yaml", **FINE_TUNE))
+    log = run_train(refit, prepared, write_params(tmp_path / "b.yaml", **FINE_TUNE, refit=True))
+    a, b = (torch.load(w / "model.pt", weights_only=False) for w in (plain, refit))
+    assert not a["refit"] and "validated_model" not in a and b["refit"]
+    assert a["model"].keys() == b["validated_model"].keys() == b["model"].keys()
+    assert all(torch.equal(a["model"][k], b["validated_model"][k]) for k in a["model"])
+    assert any(not torch.equal(b["model"][k], b["validated_model"][k]) for k in b["model"])
+    images = sum(1 for split in ("train", "valid") for f in (prepared / split).rglob("*.jpg"))
+    epochs = re.findall(r"refit epoch (\d+)/(\d+) on (\d+) images", log)
+    assert [int(e) for e, _, _ in epochs] == list(range(1, b["best_epoch"] + 1)), log
+    assert {int(n) for _, _, n in epochs} == {images} and {int(s) for _, s, _ in epochs} == {b["best_epoch"]}
+    validated, meta = load_model(refit / "model.pt", validated=True)
+    served, _ = load_model(refit / "model.pt")
+    assert meta["refit"] and "validated_model" not in meta
+    assert all(torch.equal(v, a["model"][k]) for k, v in validated.state_dict().items())
+    assert all(torch.equal(v, b["model"][k]) for k, v in served.state_dict().items())

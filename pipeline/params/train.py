@@ -27,6 +27,7 @@ class TrainParams:
     lr: float  # peak learning rate of the one-cycle schedule (head, or the dense block)
     body_lr_factor: float  # finetune: all -> the pretrained body trains at lr * this (discriminative lrs)
     keep: Literal["best", "last"]  # the epoch whose weights are kept: lowest validation log loss, or the last
+    refit: bool  # then train again on train + valid up to that epoch: the submitted model (validated: the first)
     weight_decay: float  # AdamW decoupled weight decay
     warmup: float  # fraction of the steps spent warming up to the peak lr
     seed: int  # same seed on CPU -> same weights
