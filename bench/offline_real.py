@@ -8,8 +8,9 @@
    wall times, and the whole run's time is measured against the issue's 45 minutes on 2 CPU cores.
 2. Score `submissions/submission.csv` once against the test labels (the recipe was chosen on validation).
 3. For the table beside it: the same model without TTA and calibration on the test images (PyTorch, the
-   model's own preprocessing; after `train.refit`, also the weights chosen on validation), and a head-only run of the pipeline (`dvc exp run -S train.finetune=head ...`
-   on the same cached features) scored the same way.
+   model's own preprocessing; after `train.refit`, also the weights chosen on validation), and a head-only
+   run of the pipeline (`dvc exp run -S train.finetune=head ...` on the same cached features) scored the
+   same way.
 
 Writes bench/results/offline_real.json with the CPU model and instruction set.
 """
