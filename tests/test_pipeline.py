@@ -261,7 +261,10 @@ def test_make_demo_resets_exactly_the_keys_make_repro_and_make_offline_override_
     offline = re.findall(r"([a-z_]+\.[a-z_]+)=", " ".join(values("OFFLINE_PARAMS")))
     # each recipe sets the members too (one; the ensemble: three), and the demo puts its one member back
     assert one_member == ["'~members'", "'+members={model:{}}'"] and "$(ONE_MEMBER)" in values("KAGGLE_PARAMS")
-    assert "$(ONE_MEMBER)" in values("OFFLINE_PARAMS") and "'+members={lite0:" in makefile
+    # make offline's one member has its own epochs and lr; the ensemble replaces it with its three
+    assert values("OFFLINE_MEMBER") == ["'~members'", "'+members={model:{epochs:4,lr:0.0003}}'"]
+    assert "$(OFFLINE_MEMBER)" in values("OFFLINE_PARAMS") and "'+members={lite0:" in makefile
+    assert "$(subst $(OFFLINE_MEMBER),$(ENSEMBLE),$(OFFLINE_PARAMS))" in makefile
     assert (
         sorted(demo) == sorted({*kaggle, *offline, "members"}) and "fetch.source" in kaggle and "train.arch" in offline
     )
