@@ -144,7 +144,7 @@ def main(argv=None) -> None:
     parser.add_argument("--out", type=Path, help="default bench/results/offline_real.json (offline_ensemble.json)")
     args = parser.parse_args(argv)
     goal = "offline-ensemble" if args.ensemble else "offline"
-    out = args.out or ROOT / "bench" / "results" / f"{goal.replace('-', '_')}.json"
+    out = args.out or ROOT / "bench" / "results" / ("offline_ensemble.json" if args.ensemble else "offline_real.json")
     if not args.zip.exists():
         raise SystemExit(f"{args.zip} not found (the shared real-kaggle-4k set)")
     labels = pd.read_csv(args.labels)
