@@ -95,7 +95,21 @@ def main(argv=None) -> None:
     chosen, _ = evaluate(softmax(inner_logits), inner_logits, inner_y, ep)  # the calibration, on the inner split
     temperature = chosen["temperature"] if chosen["calibration"] == "temperature" else 1.0
     clip = chosen["temperature_clip"] if chosen["calibration"] == "temperature" else chosen["clip"]
-    results = {"cpu": cpu(), "split": counts, "tta": tta, "train_seconds": round(seconds, 1), "inner": chosen}
+    import torch
+
+    ckpt = torch.load(work / "model.pt", map_location="cpu", weights_only=False)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=args.project, capture_output=True, text=True)
+    results = {
+        "cpu": cpu(),
+        "commit": commit.stdout.strip(),
+        "params": ckpt["params"],  # the recipe the check judged
+        "split": counts,
+        "tta": tta,
+        "train_seconds": round(seconds, 1),
+        "best_epoch": ckpt["best_epoch"],
+        "history": ckpt["history"],  # the inner run's epochs, on the inner validation split
+        "inner": chosen,
+    }
     for name, validated in (("kept_epoch", True), ("refit", False)):
         z, y = tta_logits(work / "model.pt", prepared / "valid", validated, tta)
         plain, _ = evaluate(softmax(z), z, y, ep)

@@ -400,14 +400,15 @@ def refit(run: Run) -> nn.Module:
             run.data, run.cache if on_cache else None, p, run.pre, run.device, gen, ("train", "valid")
         )
         net = trainable_part(model, p.arch, finetune) if on_cache else model
+        net = torch.compile(net) if p.compile else net
         # the whole phase's schedule, so each epoch trains at the learning rates the kept run's epoch did
         optimizer, scheduler = make_optimizer(model, p, finetune, lr, epochs * len(loader))
         for epoch in range(first, min(first + epochs, stop)):
             t0 = time.perf_counter()
             set_train_mode(model, p.arch, finetune, p.freeze_bn)
             loss = train_one_epoch(net, loader, optimizer, scheduler, run.device, f"refit {finetune} epoch {epoch + 1}")
-            log.info("refit epoch %d/%d on %d images  train_loss %.4f  %.0fs",
-                     epoch + 1, stop, len(loader.dataset), loss, time.perf_counter() - t0)  # fmt: skip
+            log.info("refit epoch %d/%d on %d images (%s)  train_loss %.4f  %.0fs",
+                     epoch + 1, stop, len(loader.dataset), finetune, loss, time.perf_counter() - t0)  # fmt: skip
         first += epochs
     return model
 
@@ -426,7 +427,7 @@ def save_model(run: Run, kept: nn.Module, refitted: nn.Module | None, path: Path
     """Write the submitted model (the refit, or the kept epoch's) with what export needs; after a refit, the kept
     epoch's weights too, as `validated_model`: what evaluate scores and calibrates."""
     p, best = run.p, run.best
-    weights = [("model", refitted or kept)] + ([("validated_model", kept)] if refitted is not None else [])
+    weights = [("model", kept)] if refitted is None else [("model", refitted), ("validated_model", kept)]
     saved = {
         **{name: {k: v.float().cpu() for k, v in m.state_dict().items()} for name, m in weights},
         **run.pre,  # arch, image_size, resize_size, interpolation, mean, std: what export writes into the ONNX model

@@ -264,7 +264,10 @@ def test_make_demo_resets_exactly_the_keys_make_repro_and_make_offline_override_
     # make offline's one member has its own epochs and lr; the ensemble replaces it with its three
     assert values("OFFLINE_MEMBER") == ["'~members'", "'+members={model:{epochs:4,lr:0.0003}}'"]
     assert "$(OFFLINE_MEMBER)" in values("OFFLINE_PARAMS") and "'+members={lite0:" in makefile
-    assert "$(subst $(OFFLINE_MEMBER),$(ENSEMBLE),$(OFFLINE_PARAMS))" in makefile
+    planned = subprocess.run(
+        ["make", "-n", "offline-ensemble", "ZIP=README.md"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout
+    assert "+members={lite0:{arch:efficientnet_lite0}" in planned and "epochs:4" not in planned
     assert (
         sorted(demo) == sorted({*kaggle, *offline, "members"}) and "fetch.source" in kaggle and "train.arch" in offline
     )
@@ -325,13 +328,17 @@ def test_a_killed_train_restored_from_the_run_cache_leaves_its_own_metrics_and_n
     tidy = [str(BIN / "python"), "-m", "pipeline.tidy"]
     subprocess.run(tidy, cwd=project, env=tool_env(), check=True)
     assert checkpoint.exists(), "tidy removed the checkpoint of a run that can still resume"
+    dvc(project, "checkout", "train@model")  # the finished run's model back, params.yaml still the killed run's
+    assert (project / "models" / "model.pt").exists()
+    subprocess.run(tidy, cwd=project, env=tool_env(), check=True)
+    assert checkpoint.exists(), "tidy removed the checkpoint the next dvc repro would resume"
     (project / "params.yaml").write_text(params)
     log = dvc(project, "repro", "train")
     assert "Running stage 'train@model'" not in log or "run-cache" in log, log
     assert metrics.read_bytes() == before
     assert checkpoint.exists()  # dvc repro ran no code of ours
     out = subprocess.run(tidy, cwd=project, env=tool_env(), check=True, capture_output=True, text=True)
-    assert not checkpoint.exists() and "removed models/model.checkpoint.pt" in out.stderr, out.stderr
+    assert not checkpoint.exists() and "models/model.checkpoint.pt (" in out.stderr, out.stderr
     assert (project / "models" / "model.pt").exists()
 
 

@@ -175,8 +175,9 @@ def test_refit_trains_on_train_and_valid_up_to_the_kept_epoch_and_keeps_the_vali
     from pipeline.model import load_model
 
     plain, refit = tmp_path / "plain", tmp_path / "refit"
-    run_train(plain, prepared, write_params(tmp_path / "a.yaml", **FINE_TUNE))
-    log = run_train(refit, prepared, write_params(tmp_path / "b.yaml", **FINE_TUNE, refit=True))
+    recipe = {**FINE_TUNE, "keep": "last"}  # the refit then runs both phases: the head on cache, then all on images
+    run_train(plain, prepared, write_params(tmp_path / "a.yaml", **recipe))
+    log = run_train(refit, prepared, write_params(tmp_path / "b.yaml", **recipe, refit=True))
     a, b = (torch.load(w / "model.pt", weights_only=False) for w in (plain, refit))
     assert not a["refit"] and "validated_model" not in a and b["refit"]
     assert a["model"].keys() == b["validated_model"].keys() == b["model"].keys()
@@ -184,6 +185,7 @@ def test_refit_trains_on_train_and_valid_up_to_the_kept_epoch_and_keeps_the_vali
     assert any(not torch.equal(b["model"][k], b["validated_model"][k]) for k in b["model"])
     images = sum(1 for split in ("train", "valid") for f in (prepared / split).rglob("*.jpg"))
     epochs = re.findall(r"refit epoch (\d+)/(\d+) on (\d+) images", log)
+    assert b["best_epoch"] == 3 and "refit epoch 3/3 on" in log and "images (all)" in log  # both phases ran
     assert [int(e) for e, _, _ in epochs] == list(range(1, b["best_epoch"] + 1)), log
     assert {int(n) for _, _, n in epochs} == {images} and {int(s) for _, s, _ in epochs} == {b["best_epoch"]}
     validated, meta = load_model(refit / "model.pt", validated=True)
