@@ -24,8 +24,8 @@ KAGGLE_PARAMS = fetch.source=$(if $(ZIP),$(ZIP_PATH),kaggle) prepare.valid_per_c
 # (EfficientNet-Lite0) and fastai's fine_tune (head on cached activations, then everything, augmented), on CPU,
 # with no network; the epoch with the lowest validation log loss is kept, flip TTA, calibration fitted on validation
 # (no train.refit on train + valid: with 2 unfrozen epochs at 5e-4 it scored worse on validation,
-# bench/refit_check.py). Its one member, Lite0,
-# trains 4 unfrozen epochs at 3e-4: of four recipes, the lowest validation log loss (bench/README.md)
+# bench/refit_check.py). Its one member, Lite0, trains 4 unfrozen epochs at 3e-4: of four recipes, the lowest
+# validation log loss (bench/README.md)
 OFFLINE_MEMBER = '~members' '+members={model:{epochs:4,lr:0.0003}}'
 OFFLINE_VALID ?= 250
 OFFLINE_PARAMS = fetch.source=$(ZIP_PATH) prepare.valid_per_class=$(OFFLINE_VALID) train.arch=efficientnet_lite0 \

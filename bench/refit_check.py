@@ -27,13 +27,18 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 import numpy as np  # noqa: E402
+import torch  # noqa: E402
 import yaml  # noqa: E402
 from offline_real import cpu  # noqa: E402
 from scipy.special import expit  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
+from torchvision.datasets import ImageFolder  # noqa: E402
 
 from pipeline.config import load_params  # noqa: E402
 from pipeline.evaluate import evaluate, log_loss, softmax  # noqa: E402
+from pipeline.model import eval_transform, load_model, predict_logits  # noqa: E402
 from pipeline.params.evaluate import EvaluateParams  # noqa: E402
+from pipeline.predict import resolve_calibration  # noqa: E402
 
 
 def nested_split(prepared: Path, out: Path, holdout: int, seed: int) -> dict:
@@ -54,12 +59,6 @@ def nested_split(prepared: Path, out: Path, holdout: int, seed: int) -> dict:
 
 
 def tta_logits(model_path: Path, data: Path, validated: bool, tta: bool):
-    import torch
-    from torch.utils.data import DataLoader
-    from torchvision.datasets import ImageFolder
-
-    from pipeline.model import eval_transform, load_model, predict_logits
-
     model, meta = load_model(model_path, validated=validated)
     loader = DataLoader(ImageFolder(data, transform=eval_transform(meta)), batch_size=64)
     return predict_logits(model, loader, torch.device("cpu"), tta=tta)
@@ -93,10 +92,8 @@ def main(argv=None) -> None:
     ep = load_params(EvaluateParams, "evaluate", work / "params.yaml")
     inner_logits, inner_y = tta_logits(work / "model.pt", work / "prepared" / "valid", True, tta)
     chosen, _ = evaluate(softmax(inner_logits), inner_logits, inner_y, ep)  # the calibration, on the inner split
-    temperature = chosen["temperature"] if chosen["calibration"] == "temperature" else 1.0
-    clip = chosen["temperature_clip"] if chosen["calibration"] == "temperature" else chosen["clip"]
-    import torch
-
+    (work / "inner_evaluate.json").write_text(json.dumps(chosen))
+    temperature, clip = resolve_calibration("evaluate", work / "inner_evaluate.json")  # what predict would apply
     ckpt = torch.load(work / "model.pt", map_location="cpu", weights_only=False)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=args.project, capture_output=True, text=True)
     results = {
@@ -113,7 +110,7 @@ def main(argv=None) -> None:
     for name, validated in (("kept_epoch", True), ("refit", False)):
         z, y = tta_logits(work / "model.pt", prepared / "valid", validated, tta)
         plain, _ = evaluate(softmax(z), z, y, ep)
-        p_dog = np.clip(expit((z[:, 1] - z[:, 0]) / temperature), clip, 1 - clip)  # as predict applies it
+        p_dog = np.clip(expit((z[:, 1] - z[:, 0]) / (temperature or 1.0)), clip, 1 - clip)  # as predict does
         results[name] = {
             "accuracy": plain["accuracy"],
             "log_loss_uncalibrated": plain["log_loss"],
