@@ -25,22 +25,28 @@ KAGGLE_PARAMS = fetch.source=$(if $(ZIP),$(ZIP_PATH),kaggle) prepare.valid_per_c
 # with no network; the epoch with the lowest validation log loss is kept, flip TTA, calibration fitted on validation
 # (no train.refit on train + valid: with 2 unfrozen epochs at 5e-4 it scored worse on validation,
 # bench/refit_check.py). Its one member, Lite0, trains 4 unfrozen epochs at 3e-4: of four recipes, the lowest
-# validation log loss (bench/README.md)
+# validation log loss (bench/README.md). At the competition's size: 10% of each class validates (at least 250), an
+# unfrozen epoch draws 8,000 of the training photos (its time stops growing with the data past that), and
+# features and training run under bf16 autocast on CPUs with AVX512_BF16 or AMX (train.precision auto).
+# `python -m pipeline.plan` prints the plan and an estimate of its time first.
 OFFLINE_MEMBER = '~members' '+members={model:{epochs:4,lr:0.0003}}'
 OFFLINE_VALID ?= 250
-OFFLINE_PARAMS = fetch.source=$(ZIP_PATH) prepare.valid_per_class=$(OFFLINE_VALID) train.arch=efficientnet_lite0 \
+OFFLINE_PARAMS = fetch.source=$(ZIP_PATH) prepare.valid_per_class=$(OFFLINE_VALID) prepare.valid_fraction=0.1 \
+	train.arch=efficientnet_lite0 train.epoch_images=8000 \
 	train.weights=imagenet train.image_size=0 train.finetune=all train.augment=true train.min_scale=0.75 \
 	train.freeze_bn=true train.head_epochs=8 train.head_lr=0.002 train.epochs=2 train.lr=0.0005 \
-	train.body_lr_factor=0.1 predict.tta=true $(OFFLINE_MEMBER)
+	train.body_lr_factor=0.1 train.precision=auto predict.tta=true $(OFFLINE_MEMBER)
 # `make offline-ensemble ZIP=...`: the same recipe for three members, EfficientNet-Lite0, -Lite1 and -Lite2 (each at
 # its own 224/240/260 px) and OFFLINE_PARAMS' 2 unfrozen epochs at 5e-4, the recipe it was measured with, their
 # validation logits averaged and the blend calibrated on validation
 ENSEMBLE = '~members' '+members={lite0:{arch:efficientnet_lite0},lite1:{arch:efficientnet_lite1},lite2:{arch:efficientnet_lite2}}'
 # the demo's values of every key the two above override (params.yaml as committed; tests/test_pipeline.py
 # holds them equal)
-DEMO_PARAMS = fetch.source=demo prepare.valid_per_class=150 train.weights=none train.image_size=128 \
+DEMO_PARAMS = fetch.source=demo prepare.valid_per_class=150 prepare.valid_fraction=0.0 train.epoch_images=0 \
+	train.weights=none train.image_size=128 \
 	train.lr=0.01 train.epochs=40 train.arch=vgg16 train.finetune=head train.augment=false train.head_epochs=0 \
-	train.head_lr=0.002 train.body_lr_factor=0.1 train.min_scale=0.35 train.freeze_bn=false predict.tta=false \
+	train.head_lr=0.002 train.body_lr_factor=0.1 train.min_scale=0.35 train.freeze_bn=false train.precision=fp32 \
+	predict.tta=false \
 	'members={model:{}}'
 
 # what the messages of the repro recipe call it (make offline runs it too)
@@ -76,6 +82,7 @@ repro: install
 	@if [ -n "$(ZIP)" ] && [ ! -e "$(ZIP)" ]; then echo "make $(GOAL): ZIP=$(ZIP) does not exist" >&2; exit 2; fi
 	@if [ -e .params.yaml.before-repro ]; then mv -f .params.yaml.before-repro params.yaml; \
 	  echo "make $(GOAL): params.yaml put back as it was before an interrupted make $(GOAL)" >&2; fi
+	@$(BIN)/python -m pipeline.plan $(addprefix -S ,$(KAGGLE_PARAMS))
 	@cp params.yaml .params.yaml.before-repro
 	@trap 'mv -f .params.yaml.before-repro params.yaml; echo "make $(GOAL) interrupted; params.yaml is back as it was before" >&2; exit 130' INT TERM; \
 	if $(BIN)/dvc exp run $(addprefix -S ,$(KAGGLE_PARAMS)); then rm -f .params.yaml.before-repro; $(BIN)/python -m pipeline.tidy; else \
@@ -111,7 +118,7 @@ plots: install
 # message, which always names the git commit and the validation metrics. Not a DVC stage: it is not repeatable.
 submit: install
 	$(BIN)/python -m pipeline.submit --submission submissions/submission.csv --prepared data/prepared \
-		--metrics metrics/evaluate.json --predict-metrics metrics/predict.json $(if $(MESSAGE),--message "$(MESSAGE)")
+		--metrics metrics/blend.json --predict-metrics metrics/predict.json $(if $(MESSAGE),--message "$(MESSAGE)")
 
 # The service on the latest model in the BentoML store (dvc repro package), in the foreground; Ctrl-C or
 # SIGTERM stops it. HOST and PORT come from the environment.

@@ -1,7 +1,9 @@
 """Which int8 recipe: each static-quantization option's log-loss rise and CPU speed against the fp32 model.
 
-`python bench/int8_options.py --model models/model.pt --data data/prepared --out
-bench/results/int8_options_demo.json [--options s8s8_minmax_64 u8s8_minmax_64 ...]`
+`python bench/int8_options.py [--model models/<member>.pt] [--data data/prepared] [--out
+bench/results/int8_options_<member>.json] [--options s8s8_minmax_64 u8s8_minmax_64 ...]` from the project root
+after `dvc repro`; the model is by default the one the service serves (package.member, or the best member on
+validation in metrics/blend.json), the paths relative to the current folder.
 
 Exports the checkpoint to fp32 ONNX as `pipeline.export` does, pre-processes it once as
 `pipeline.variants.quantize_int8` does, then quantizes it once per option in `OPTIONS` (QDQ, per-channel
@@ -37,10 +39,13 @@ from sklearn.metrics import log_loss
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from the project root
 
+from pipeline.config import load_params  # noqa: E402
 from pipeline.data import MODEL_FILE, VARIANT_FILES, make_session  # noqa: E402
 from pipeline.export import export_onnx, onnx_metadata  # noqa: E402
 from pipeline.files import atomic_write_text  # noqa: E402
 from pipeline.model import load_model  # noqa: E402
+from pipeline.package import choose_member  # noqa: E402
+from pipeline.params.package import PackageParams  # noqa: E402
 from pipeline.variants import CalibrationImages, finish_variant, valid_set  # noqa: E402
 
 log = logging.getLogger("int8_options")
@@ -163,9 +168,11 @@ def cpu_info() -> dict:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description="Measure int8 quantization options against fp32.")
-    parser.add_argument("--model", type=Path, required=True, help="models/model.pt")
-    parser.add_argument("--data", type=Path, required=True, help="data/prepared (valid/cats, valid/dogs)")
-    parser.add_argument("--out", type=Path, required=True, help="JSON results")
+    parser.add_argument("--model", type=Path, help="default models/<member>.pt, the member the service serves")
+    parser.add_argument("--data", type=Path, default=Path("data/prepared"), help="valid/cats, valid/dogs in it")
+    parser.add_argument("--out", type=Path, help="JSON results; default bench/results/int8_options_<model>.json")
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="its package.member")
+    parser.add_argument("--blend", type=Path, default=Path("metrics/blend.json"), help="names the best member")
     parser.add_argument("--options", nargs="+", choices=list(OPTIONS), default=list(OPTIONS))
     parser.add_argument("--max-pixels", type=int, default=25_000_000)
     parser.add_argument("--opset", type=int, default=20)
@@ -177,6 +184,12 @@ def main(argv=None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     for name in ("onnxscript", "onnx_ir"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    if args.model is None:  # the member the service serves, chosen as the package stage chooses it
+        member = choose_member(load_params(PackageParams, "package", args.params).member, args.blend)
+        args.model = Path("models") / f"{member}.pt"
+    if not args.model.is_file():
+        raise SystemExit(f"{args.model} not found: run 'dvc repro' first, or pass --model, a checkpoint train wrote")
+    args.out = args.out or ROOT / "bench" / "results" / f"int8_options_{args.model.stem}.json"
     model, ckpt = load_model(args.model, "cpu")
     metadata = onnx_metadata(ckpt)
     meta = {"input_name": metadata["input_name"], "output_name": metadata["output_name"], **ckpt}

@@ -1,24 +1,30 @@
 """Load test of the real service: N concurrent clients POST real JPEGs to /classify, with and without batching.
 
-`python bench/load_test.py [--onnx models/onnx] [--clients 16] [--seconds 30]` writes
-bench/results/load_cpu.json shaped `{"batched": {"rps", "p50_ms", "p95_ms", "p99_ms", "errors",
-"mean_batch", "idle_ms", "api_peak_rss_mb"}, "unbatched": {...}, "raw_ort_img_s": ..., "clients": N, "seconds": T}`.
+`python bench/load_test.py [--clients 16] [--seconds 30]` from the project root after `dvc repro` writes
+bench/results/load_cpu.json shaped `{"batched": {"rps", "p50_ms", "p95_ms", "p99_ms", "errors", "mean_batch",
+"idle_ms", "api_peak_rss_mb"}, "unbatched": {...}, "raw_ort_img_s": ..., "member": ..., "clients": N, "seconds": T}`.
 
-The ONNX folder (all its variants) is imported into a temporary BENTOML_HOME, and `bentoml serve` runs twice
-on 127.0.0.1 (serving/smoke.py's helpers): with the `serve` section of params.yaml (batched) and with
-`serve.max_batch_size: 1` (unbatched), from a temporary params file (DOGSCATS_PARAMS). Locust (its CLI,
-headless, users from bench/locustfile.py) drives the clients with no think time: a warm-up run, then the
-measured run of `--seconds`. idle_ms: one client's /classify time (median of 3, one after another) before the
-warm-up and `--idle-after` seconds after the measured run ends (issue 13: it stayed at the burst's queue
-wait); api_peak_rss_mb: the API worker's peak RSS over the measured run (VmHWM, reset first: Linux).
-mean_batch comes from the model service's `bentoml_service_adaptive_batch_size` histogram on /metrics, over
-the same window. raw_ort_img_s is the same variant's ONNX Runtime session in this process at the service's
-mean batch size, measured after the service stops (same machine, same run): the ceiling the service is
-compared with. raw_ort_img_s_by_batch adds batch 1 and `serve.max_batch_size`, and batching_ceiling = the best
-of those / batch 1: the most that batched/unbatched could reach on this machine if both ran at raw speed (the
-raw session gets as many threads as the model service has in all). The clients share the machine with the
-service, as they would in any one-box test. `--set KEY=VALUE` overrides a `serve` param for both runs (tuning:
-e.g. `--set workers=2 --set threads=1 --out bench/results/tuning/workers2.json`).
+The model served is the one `dvc repro package` serves: the package stage itself imports it (all its variants,
+the calibration and TTA predict applies) into a temporary BENTOML_HOME, from `--onnx models/onnx`, `--metrics
+metrics/members` and `--blend metrics/blend.json` (package.member, or the best member on validation); `--onnx`
+of one model's folder (model.onnx inside) serves that model, with `--metrics` its own metrics folder. These
+paths and `--params` are relative to the current folder: the project's. `bentoml serve` runs twice on 127.0.0.1
+(serving/smoke.py's helpers): with the `serve` section of params.yaml (batched) and with `serve.max_batch_size: 1`
+(unbatched), from a temporary params file (DOGSCATS_PARAMS). Locust (its CLI, headless, users from
+bench/locustfile.py) drives the clients with no think time: a warm-up run, then the measured run of `--seconds`;
+the photos are the shared real ones (../shared/data/real-photos-200px) where this checkout has them, else the
+project's validation images (data/prepared/valid), or `--photos`. idle_ms: one client's /classify time (median
+of 3, one after another) before the warm-up and `--idle-after` seconds after the measured run ends (issue 13: it
+stayed at the burst's queue wait); api_peak_rss_mb: the API worker's peak RSS over the measured run (VmHWM, reset
+first: Linux). mean_batch comes from the model service's `bentoml_service_adaptive_batch_size` histogram on
+/metrics, over the same window. raw_ort_img_s is the same variant's ONNX Runtime session in this process at the
+service's mean batch size, doing what the model service does per batch (flip TTA when the calibration has it),
+measured after the service stops (same machine, same run): the ceiling the service is compared with.
+raw_ort_img_s_by_batch adds batch 1 and `serve.max_batch_size`, and batching_ceiling = the best of those / batch
+1: the most that batched/unbatched could reach on this machine if both ran at raw speed (the raw session gets as
+many threads as the model service has in all). The clients share the machine with the service, as they would in
+any one-box test. `--set KEY=VALUE` overrides a `serve` param for both runs (tuning: e.g. `--set workers=2 --set
+threads=1 --out bench/results/tuning/workers2.json`).
 """
 
 from __future__ import annotations
@@ -41,25 +47,47 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from the project root
 
+from pipeline.calibration import Calibration  # noqa: E402
 from pipeline.config import ConfigError, from_dict  # noqa: E402
-from pipeline.data import open_model, read_metadata  # noqa: E402
+from pipeline.data import MODEL_FILE, open_model, read_metadata  # noqa: E402
 from pipeline.files import atomic_write_text  # noqa: E402
 from pipeline.params.serve import ServeParams  # noqa: E402
 from serving.smoke import api_worker, free_port, proc_status, start, stop, wait_ready  # noqa: E402
 
 PHOTOS = ROOT.parent / "shared" / "data" / "real-photos-200px"
+PROJECT_PHOTOS = Path("data") / "prepared" / "valid"  # where the shared photos are absent: the project's own
 BATCH_METRIC = re.compile(r'^bentoml_service_adaptive_batch_size_(sum|count)\{[^}]*method_name="predict"[^}]*\} (\S+)$')
 
 
-def import_model(onnx_dir: Path, home: Path, name: str) -> None:
-    """The ONNX folder into the store at `home`, as the package stage does (in a child: bentoml reads
-    BENTOML_HOME at import)."""
+def package_args(onnx: Path, metrics: Path | None, blend: Path) -> list[str]:
+    """The package stage's arguments for `--onnx`: the folder of the members' folders (as dvc.yaml passes it:
+    package.member or the best member is served), or one model's own folder with its own metrics folder."""
+    if not onnx.is_dir():
+        raise SystemExit(f"{onnx} not found: run 'dvc repro' first, or pass --onnx, the ONNX folder export wrote")
+    if (onnx / MODEL_FILE).is_file():  # one model's folder: no member to choose
+        if metrics is None:
+            raise SystemExit(f"--onnx {onnx} is one model's folder: pass --metrics, its own (metrics/members/<member>)")
+        return ["--onnx", str(onnx.resolve()), "--metrics", str(metrics.resolve())]
+    metrics = metrics or Path("metrics") / "members"
+    return ["--onnx", str(onnx.resolve()), "--metrics", str(metrics.resolve()), "--blend", str(blend.resolve())]
+
+
+def package_model(stage_args: list[str], params: Path, home: Path) -> dict:
+    """The package stage run into the store at `home` (in a child: bentoml reads BENTOML_HOME at import), as
+    `dvc repro package` runs it: {"path", "labels", "metadata"} of the model stored, the calibration included."""
     code = (
-        "import sys; from pathlib import Path; from pipeline.package import import_model; "
-        "print(import_model(Path(sys.argv[1]), sys.argv[2], {}, {}).tag)"
+        "import json, sys, bentoml; from pipeline import package; package.main(sys.argv[2:]); "
+        "m = bentoml.models.get(json.loads(open(sys.argv[1]).read())['tag']); "
+        "print(json.dumps({'path': m.path, 'labels': m.info.labels, 'metadata': m.info.metadata}))"
     )
+    record = home / "package.json"
+    cmd = [sys.executable, "-c", code, str(record), *stage_args, "--params", str(params.resolve())]
+    cmd += ["--out", str(record)]
     env = {**os.environ, "BENTOML_HOME": str(home)}
-    subprocess.run([sys.executable, "-c", code, str(onnx_dir), name], cwd=ROOT, env=env, check=True)
+    done = subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)  # its log: to our stderr
+    if done.returncode != 0:
+        raise SystemExit(f"the package stage could not import the model (its message is above; exit {done.returncode})")
+    return json.loads(done.stdout.splitlines()[-1])  # the child's last line: the model stored
 
 
 def batch_totals(url: str) -> tuple[float, float]:
@@ -114,6 +142,8 @@ def drive(url: str, api_pid: int, args, tmp: Path) -> dict:
         idle[f"after_{after:g}s"] = idle_ms(url, photo)
     with open(f"{tmp / 'load'}_stats.csv", newline="") as f:
         total = next(row for row in csv.DictReader(f) if row["Name"] == "Aggregated")
+    if int(total["Request Count"]) == 0:  # locust writes N/A for the percentiles
+        raise SystemExit(f"no request completed in the measured {args.seconds:g} s: raise --seconds")
     calls = batch1[1] - batch0[1]
     return {
         "rps": round(float(total["Requests/s"]), 2),
@@ -149,24 +179,29 @@ def serve_and_drive(params: dict, home: Path, tmp: Path, label: str, args) -> di
     return figures
 
 
-def raw_ort_img_s(onnx_dir: Path, params: ServeParams, batch: int, shape: tuple, seconds: float) -> tuple[float, str]:
-    """images/s of the service's variant on one ONNX Runtime session at `batch`, after one warm-up call, with
-    as many threads as the model service has in all (workers x threads; 0 = one per core)."""
+def raw_ort_img_s(model_dir: Path, params: ServeParams, calibration: Calibration, batch: int, seconds: float
+                  ) -> tuple[float, str]:  # fmt: skip
+    """images/s of the service's variant on one ONNX Runtime session at `batch`, doing what the model service does
+    per batch (`Calibration.predict`: flip TTA doubles the images run), after one warm-up call, with as many threads
+    as the model service has in all (workers x threads; 0 = one per core)."""
     threads = params.threads * params.workers
-    session, _, variant = open_model(onnx_dir, params.provider, params.variant, threads)
-    x = np.random.default_rng(0).normal(size=(batch, *shape)).astype(np.float32)
-    session.run(["probs"], {"image": x})
+    session, _, variant = open_model(model_dir, params.provider, params.variant, threads)
+    meta = read_metadata(model_dir)
+    x = np.random.default_rng(0).normal(size=(batch, 3, meta["image_size"], meta["image_size"])).astype(np.float32)
+    calibration.predict(session, meta, x)
     calls, t0 = 0, time.perf_counter()
     while calls < 3 or time.perf_counter() - t0 < seconds:
-        session.run(["probs"], {"image": x})
+        calibration.predict(session, meta, x)
         calls += 1
     return batch * calls / (time.perf_counter() - t0), variant
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--onnx", type=Path, default=ROOT / "models" / "onnx", help="the ONNX folder export wrote")
-    parser.add_argument("--photos", type=Path, default=PHOTOS, help="a folder of JPEGs (searched recursively)")
+    parser.add_argument("--onnx", type=Path, default=Path("models/onnx"), help="export's folder, or one model's")
+    parser.add_argument("--metrics", type=Path, help="default metrics/members; with one model's --onnx, its own")
+    parser.add_argument("--blend", type=Path, default=Path("metrics/blend.json"), help="names the best member")
+    parser.add_argument("--photos", type=Path, help=f"a folder of JPEGs (recursively); default {PHOTOS} if present")
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--seconds", type=float, default=30.0, help="measured window of each run")
     parser.add_argument("--warmup", type=float, default=10.0, help="load before the window, not measured")
@@ -175,19 +210,22 @@ def main(argv=None) -> None:
         help="seconds after the measured run to time one idle client, e.g. 1,5,10",
     )  # fmt: skip
     parser.add_argument("--raw-seconds", type=float, default=10.0, help="timing of raw ONNX Runtime, per batch size")
-    parser.add_argument("--params", type=Path, default=ROOT / "params.yaml")
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     parser.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override a serve param, e.g. workers=2"
     )
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "load_cpu.json")
     args = parser.parse_args(argv)
     t_start = time.perf_counter()
+    args.photos = args.photos or (PHOTOS if PHOTOS.is_dir() else PROJECT_PHOTOS)
     if not any(args.photos.rglob("*.jpg")):
         raise SystemExit(
-            f"no JPEGs in {args.photos}: pass --photos DIR, any folder of photos (after `make demo`: "
+            f"no JPEGs in {args.photos}: pass --photos DIR, any folder of photos (after `dvc repro`: "
             "data/prepared/valid)"
         )
-    meta = read_metadata(args.onnx)
+    stage_args = package_args(args.onnx, args.metrics, args.blend)
+    if not args.params.is_file():
+        raise SystemExit(f"{args.params} not found: run from the project root, or pass --params")
     params = yaml.safe_load(args.params.read_text())
     for item in args.set:
         key, sep, value = item.partition("=")
@@ -201,26 +239,31 @@ def main(argv=None) -> None:
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        import_model(args.onnx, tmp / "bentoml", params["package"]["model_name"])
+        model = package_model(stage_args, args.params, tmp / "bentoml")
+        calibration = Calibration.from_dict(model["metadata"]["calibration"])
         results["batched"] = serve_and_drive(params, tmp / "bentoml", tmp, "batched", args)
         unbatched = {**params, "serve": {**params["serve"], "max_batch_size": 1}}
         results["unbatched"] = serve_and_drive(unbatched, tmp / "bentoml", tmp, "unbatched", args)
-    batch = max(1, round(results["batched"]["mean_batch"] or 1))
-    shape = (3, meta["image_size"], meta["image_size"])
-    raw, variant = raw_ort_img_s(args.onnx, serve, batch, shape, args.raw_seconds)
-    # what batching can gain at all on this machine: raw images/s at batch 1 and at the largest batch
-    by_batch = {
-        str(b): raw_ort_img_s(args.onnx, serve, b, shape, args.raw_seconds)[0] for b in {1, serve.max_batch_size}
-    }
+        batch = max(1, round(results["batched"]["mean_batch"] or 1))
+        stored = Path(model["path"])  # the store's copy: the files the service loaded
+        raw, variant = raw_ort_img_s(stored, serve, calibration, batch, args.raw_seconds)
+        # what batching can gain at all on this machine: raw images/s at batch 1 and at the largest batch
+        by_batch = {
+            str(b): raw_ort_img_s(stored, serve, calibration, b, args.raw_seconds)[0] for b in {1, serve.max_batch_size}
+        }
+        meta = read_metadata(stored)
     by_batch[str(batch)] = raw
     results.update(
         {
+            "member": model["labels"].get("member"),  # None: one model's --onnx
+            "calibration": calibration.as_dict(),
             "raw_ort_img_s": round(raw, 2),
             "raw_ort_batch": batch,
             "raw_ort_img_s_by_batch": {b: round(v, 2) for b, v in sorted(by_batch.items(), key=lambda kv: int(kv[0]))},
             "batching_ceiling": round(max(by_batch.values()) / by_batch["1"], 2),  # best raw / raw at batch 1
             "variant": variant,
             "image_size": meta["image_size"],
+            "photos": str(args.photos),
             "clients": args.clients,
             "seconds": args.seconds,
             "serve": {k: params["serve"][k] for k in ("max_batch_size", "max_latency_ms", "threads", "workers")},
@@ -235,7 +278,8 @@ def main(argv=None) -> None:
     )
     atomic_write_text(args.out, json.dumps(results, indent=2) + "\n")
     print(
-        f"{variant} {meta['image_size']} px, {args.clients} clients, {args.seconds:.0f} s: batched "
+        f"{results['member'] or args.onnx} ({variant}, {calibration.describe()}) {meta['image_size']} px, "
+        f"{args.clients} clients, {args.seconds:.0f} s: batched "
         f"{results['batched']['rps']} req/s (mean batch {results['batched']['mean_batch']}), unbatched "
         f"{results['unbatched']['rps']} req/s, raw ONNX Runtime {raw:.1f} images/s at batch {batch}: "
         f"{results['batched_vs_raw']:.0%} of raw, {results['batched_vs_unbatched_rps']}x unbatched (raw ONNX Runtime "

@@ -12,6 +12,10 @@ from locust import HttpUser, constant, task
 
 FOLDER = Path(os.environ.get("LOAD_PHOTOS", Path(__file__).resolve().parents[2] / "shared/data/real-photos-200px"))
 PHOTOS = [(p.name, p.read_bytes()) for p in sorted(FOLDER.rglob("*.jpg"))]
+if not PHOTOS:  # else every request would fail in random.choice
+    raise SystemExit(
+        f"no JPEGs in {FOLDER}: set LOAD_PHOTOS to a folder of photos (after `dvc repro`: data/prepared/valid)"
+    )
 
 
 class Client(HttpUser):

@@ -85,16 +85,13 @@ def member_test_scores(project: Path, labels: pd.DataFrame) -> dict:
     """Each member alone on the test images: its logits (predictions/test, written by predict) with its own
     calibration (what its evaluate chose on validation)."""
     sys.path.insert(0, str(project))
-    from scipy.special import expit
-
-    from pipeline.predict import resolve_calibration
+    from pipeline.calibration import Calibration
 
     scores = {}
     for path in sorted((project / "predictions" / "test").glob("*.csv")):
         z = pd.read_csv(path).merge(labels, on="id")
         chosen = project / "metrics" / "members" / path.stem / "evaluate.json"
-        temperature, clip = resolve_calibration("evaluate", chosen)
-        p = np.clip(expit(z["logit"].to_numpy() / (temperature or 1.0)), clip, 1 - clip)
+        p = Calibration.chosen("evaluate", False, chosen).p_dog(z["logit"].to_numpy())
         scores[path.stem] = score(p, z["label"].to_numpy())
     return scores
 
@@ -145,8 +142,9 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     goal = "offline-ensemble" if args.ensemble else "offline"
     out = args.out or ROOT / "bench" / "results" / ("offline_ensemble.json" if args.ensemble else "offline_real.json")
-    if not args.zip.exists():
-        raise SystemExit(f"{args.zip} not found (the shared real-kaggle-4k set)")
+    for path, what in ((args.zip, "--zip, the competition zip"), (args.labels, "--labels, its test labels")):
+        if not path.exists():
+            raise SystemExit(f"{path} not found: pass {what}, or put the shared real-kaggle-4k set at {SHARED}")
     labels = pd.read_csv(args.labels)
     project = args.project or Path(tempfile.mkdtemp(prefix="offline-real-")) / "project"
     if args.project is None:

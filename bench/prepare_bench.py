@@ -4,7 +4,8 @@
 built in a temporary folder with Kaggle's layout and names, from the 400 real photos in
 ../shared/data/real-photos-200px (each re-encoded once at a real Kaggle size, 300-500 px a side, JPEG
 quality 90, then cycled); without that folder, from demo images of the same sizes. Then the real
-`prepare` runs on it with the real run's split (1000 validation images per class).
+`prepare` runs on it with the real run's split (1000 validation images per class), in a temporary folder under
+the current one (the project's disk, as a real run uses).
 """
 
 from __future__ import annotations
@@ -22,14 +23,15 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from the project root
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run as a script from the project root
 
 from pipeline.demo import make_image  # noqa: E402
 from pipeline.params.fetch import DemoParams  # noqa: E402
 from pipeline.params.prepare import PrepareParams  # noqa: E402
 from pipeline.prepare import prepare  # noqa: E402
 
-PHOTOS = Path(__file__).resolve().parents[2] / "shared" / "data" / "real-photos-200px"
+PHOTOS = ROOT.parent / "shared" / "data" / "real-photos-200px"
 
 
 def source_jpegs(rng: np.random.Generator) -> tuple[list[bytes], str]:
@@ -74,12 +76,14 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--per-class", type=int, default=12_500)
     parser.add_argument("--test", type=int, default=12_500)
-    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    parser.add_argument("--valid-per-class", type=int, default=1000, help="the real run's prepare.valid_per_class")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args(argv)
     jpegs, source = source_jpegs(np.random.default_rng(0))
     params = PrepareParams(
         seed=42,
-        valid_per_class=1000,
+        valid_per_class=args.valid_per_class,
+        valid_fraction=0.0,
         sample_train_per_class=8,
         sample_valid_per_class=4,
         max_pixels=25_000_000,

@@ -34,11 +34,11 @@ from scipy.special import expit  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 from torchvision.datasets import ImageFolder  # noqa: E402
 
+from pipeline.calibration import Calibration  # noqa: E402
 from pipeline.config import load_params  # noqa: E402
 from pipeline.evaluate import evaluate, log_loss, softmax  # noqa: E402
 from pipeline.model import eval_transform, load_model, predict_logits  # noqa: E402
 from pipeline.params.evaluate import EvaluateParams  # noqa: E402
-from pipeline.predict import resolve_calibration  # noqa: E402
 
 
 def nested_split(prepared: Path, out: Path, holdout: int, seed: int) -> dict:
@@ -74,6 +74,13 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
 
     prepared, work = args.project / "data" / "prepared", args.work
+    offline = "run 'make offline ZIP=...' there first (bench/offline_real.py leaves such a project)"
+    if not (prepared / "train").is_dir():
+        raise SystemExit(f"{prepared / 'train'} not found: --project is a project after make offline; {offline}")
+    if not (args.project / ".venv" / "bin" / "python").is_file():
+        raise SystemExit(f"{args.project / '.venv'} not found: the nested run uses the project's own venv; {offline}")
+    if work.exists() and any(work.iterdir()):
+        raise SystemExit(f"--work {work} is not empty: pass a new or empty folder")
     counts = nested_split(prepared, work / "prepared", args.holdout, args.seed)
     params = yaml.safe_load((args.project / "params.yaml").read_text())
     params["members"] = {"model": {**params["members"].get("model", {}), "refit": True}}
@@ -93,7 +100,8 @@ def main(argv=None) -> None:
     inner_logits, inner_y = tta_logits(work / "model.pt", work / "prepared" / "valid", True, tta)
     chosen, _ = evaluate(softmax(inner_logits), inner_logits, inner_y, ep)  # the calibration, on the inner split
     (work / "inner_evaluate.json").write_text(json.dumps(chosen))
-    temperature, clip = resolve_calibration("evaluate", work / "inner_evaluate.json")  # what predict would apply
+    calibration = Calibration.chosen("evaluate", tta, work / "inner_evaluate.json")  # what predict would apply
+    temperature, clip = calibration.temperature, calibration.clip
     ckpt = torch.load(work / "model.pt", map_location="cpu", weights_only=False)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=args.project, capture_output=True, text=True)
     results = {

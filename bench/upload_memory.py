@@ -1,8 +1,9 @@
 """Peak memory of the API worker under concurrent oversized and malformed uploads (issue 13, items 1 and 2).
 
-`python bench/upload_memory.py [--onnx models/onnx] [--uploads 16] [--mb 300]` writes
-bench/results/upload_memory_cpu.json. The ONNX folder is imported into a temporary BENTOML_HOME and `bentoml
-serve` runs on 127.0.0.1 with the `serve` section of params.yaml (as bench/load_test.py does). Each case sends
+`python bench/upload_memory.py [--uploads 16] [--mb 300]` from the project root after `dvc repro` writes
+bench/results/upload_memory_cpu.json. The model `dvc repro package` serves is imported into a temporary
+BENTOML_HOME by the package stage and `bentoml serve` runs on 127.0.0.1 with the `serve` section of params.yaml
+(as bench/load_test.py does, with its `--onnx`, `--metrics` and `--blend`). Each case sends
 `--uploads` requests of `--mb` MB at once, each body made on the fly from one 1 MiB block (the client holds
 none of it) over a raw socket, so the answer is read while the body is still going out, as a server that
 refuses early allows:
@@ -37,7 +38,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from the project root
 
-from load_test import import_model  # noqa: E402
+from load_test import package_args, package_model  # noqa: E402
 
 from pipeline.files import atomic_write_text  # noqa: E402
 from serving.smoke import api_worker, free_port, proc_status, start, stop, wait_ready  # noqa: E402
@@ -171,8 +172,10 @@ def measure(name: str, args, port: int, server: subprocess.Popen, max_bytes: int
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--onnx", type=Path, default=ROOT / "models" / "onnx", help="the ONNX folder export wrote")
-    parser.add_argument("--params", type=Path, default=ROOT / "params.yaml")
+    parser.add_argument("--onnx", type=Path, default=Path("models/onnx"), help="export's folder, or one model's")
+    parser.add_argument("--metrics", type=Path, help="default metrics/members; with one model's --onnx, its own")
+    parser.add_argument("--blend", type=Path, default=Path("metrics/blend.json"), help="names the best member")
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     parser.add_argument("--uploads", type=int, default=16, help="concurrent uploads per case")
     parser.add_argument("--mb", type=int, default=300, help="MiB per upload")
     parser.add_argument("--cases", default="declared,chunked,chunked_batch,wrong_boundary")
@@ -180,12 +183,15 @@ def main(argv=None) -> None:
     parser.add_argument("--label", default="", help="a note stored with the figures (e.g. which code ran)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "upload_memory_cpu.json")
     args = parser.parse_args(argv)
+    stage_args = package_args(args.onnx, args.metrics, args.blend)
+    if not args.params.is_file():
+        raise SystemExit(f"{args.params} not found: run from the project root, or pass --params")
     params = yaml.safe_load(args.params.read_text())
     serve = params["serve"]
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        import_model(args.onnx, tmp / "bentoml", params["package"]["model_name"])
+        model = package_model(stage_args, args.params, tmp / "bentoml")
         (tmp / "params.yaml").write_text(yaml.safe_dump(params))
         env = {**os.environ, "BENTOML_HOME": str(tmp / "bentoml"), "DOGSCATS_PARAMS": str(tmp / "params.yaml")}
         for name in args.cases.split(","):  # a fresh server per case: one case's leftovers do not blur the next
@@ -200,6 +206,7 @@ def main(argv=None) -> None:
             print(f"{name:>15}: {json.dumps(results[name])}", flush=True)
     cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
     results.update(
+        member=model["labels"].get("member"),  # None: one model's --onnx
         label=args.label,
         uploads=args.uploads,
         mb_each=args.mb,

@@ -46,6 +46,7 @@ from pipeline.model import (
     frozen_part,
     pick_device,
     preprocessing,
+    use_bf16,
 )
 from pipeline.params.train import FeaturesParams, TrainParams, load_member
 
@@ -72,6 +73,7 @@ def cache_cut(p: TrainParams) -> str:
 def cache_key(p: TrainParams, data: Path) -> str:
     """What the activations depend on: the frozen weights, the preprocessing, the cut, the images."""
     frozen = {"arch": p.arch, "weights": p.weights, "image_size": p.image_size, "finetune": cache_cut(p)}
+    frozen["precision"] = p.precision
     if p.weights == "none":
         frozen["seed"] = p.seed  # random weights come from the seed
     h = hashlib.sha256(json.dumps(frozen, sort_keys=True).encode())
@@ -80,12 +82,15 @@ def cache_key(p: TrainParams, data: Path) -> str:
 
 
 @torch.no_grad()
-def extract(trunk: nn.Module, loader: DataLoader, out: np.ndarray, device: torch.device, desc: str) -> None:
-    """Write trunk(x) for every batch of `loader` into the (memory-mapped) array `out`, in order."""
+def extract(
+    trunk: nn.Module, loader: DataLoader, out: np.ndarray, device: torch.device, desc: str, bf16: bool | None = None
+) -> None:
+    """Write trunk(x) for every batch of `loader` into the (memory-mapped) array `out`, in order (float32 whatever
+    `bf16`, the autocast, computed in)."""
     i = 0
     for x, _ in tqdm(loader, desc=desc, mininterval=2):
         x = x.to(device, non_blocking=True, memory_format=torch.channels_last)
-        with autocast(device):
+        with autocast(device, bf16):
             f = trunk(x).float().cpu().numpy()  # (B, D)
         out[i : i + len(f)] = f
         i += len(f)
@@ -115,19 +120,20 @@ def write_cache(data: Path, out: Path, p: TrainParams, fp: FeaturesParams) -> di
         with torch.no_grad():
             dim = trunk(torch.zeros(1, 3, pre["image_size"], pre["image_size"], device=device)).shape[1]
         arr = np.lib.format.open_memmap(out / f"{split}.npy", mode="w+", dtype=np.float32, shape=(len(ds), dim))
-        extract(trunk, loader, arr, device, desc=f"features {split}")
+        extract(trunk, loader, arr, device, f"features {split}", use_bf16(p.precision, device))
         arr.flush()
         np.save(out / f"{split}_labels.npy", np.array(ds.targets, dtype=np.int64))
         meta[split] = {"n": len(ds), "dim": int(dim)}
     seconds = time.perf_counter() - t0  # logged, not written: the cache's bytes must not vary run to run
     n = sum(meta[s]["n"] for s in SPLITS)
     log.info(
-        "%s activations of %d images in %.0fs (%.1f img/s) on %s",
+        "%s activations of %d images in %.0fs (%.1f img/s) on %s%s",
         cache_cut(p),
         n,
         seconds,
         n / seconds,
         device,
+        " (bf16 autocast)" if use_bf16(p.precision, device) else "",
     )
     return meta
 

@@ -13,10 +13,12 @@ needs nothing but the file.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import logging
 import math
 import os
+import re
 import urllib.error
 from pathlib import Path
 
@@ -334,9 +336,38 @@ def pick_device(choice: str) -> torch.device:
     return torch.device("cuda" if choice != "cpu" and torch.cuda.is_available() else "cpu")
 
 
-def autocast(device: torch.device):
-    # bf16 on CUDA: the tensor cores' fast path, and no loss scaling needed (fp16 would need it)
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16")  # what decides bf16 and int8 speed
+
+
+@functools.cache
+def cpu_flags() -> tuple[str, ...]:
+    """Which of CPU_FLAGS this CPU has (Linux's /proc/cpuinfo; elsewhere none is claimed): benches name them."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ()
+    found = re.search(r"^flags\s*:(.*)$", text, re.MULTILINE)
+    have = set(found.group(1).split()) if found else set()
+    return tuple(f for f in CPU_FLAGS if f in have)
+
+
+def native_bf16() -> bool:
+    """Whether this CPU computes bf16 in hardware (AVX512_BF16 or AMX): there bf16 autocast pays; on AVX2-only CPUs
+    PyTorch emulates it, slower than fp32."""
+    return bool({"avx512_bf16", "amx_bf16"} & set(cpu_flags()))
+
+
+def use_bf16(precision: str, device: torch.device) -> bool:
+    """train.precision resolved: auto is bf16 on CUDA and on CPUs with native bf16, else fp32."""
+    if precision == "auto":
+        return device.type == "cuda" or native_bf16()
+    return precision == "bf16"
+
+
+def autocast(device: torch.device, bf16: bool | None = None):
+    """bf16 autocast where `bf16` (None: on CUDA only, as evaluate runs: its logits must be what the fp32 ONNX model
+    gives on CPU). bf16 on CUDA: the tensor cores' fast path, and no loss scaling needed (fp16 would need it)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" if bf16 is None else bf16)
 
 
 def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -346,13 +377,15 @@ def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 @torch.no_grad()
-def predict_logits(model, loader, device, desc="valid", tta: bool = False) -> tuple[np.ndarray, np.ndarray]:
+def predict_logits(
+    model, loader, device, desc="valid", tta: bool = False, bf16: bool | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """(logits (N, C) as float64, labels (N,)) in loader order; with `tta`, the mean of the image's and its
-    horizontal mirror's logits (as predict and the service compute it)."""
+    horizontal mirror's logits (as predict and the service compute it). `bf16`: as `autocast`."""
     model.eval()
     logits, labels = [], []
     for x, y in tqdm(loader, desc=desc, leave=False, mininterval=2):
-        with autocast(device):
+        with autocast(device, bf16):
             x = to_device(x, device)
             z = model(x).float()
             if tta:

@@ -9,7 +9,9 @@ folders. The service serves one model: a blend of several would multiply its lat
 The store is `$BENTOML_HOME/models` (default `~/bentoml`); afterwards
 `bentoml models list` shows `dogs-vs-cats:<version>`, where the version is a hash of the ONNX files,
 so one model version is one pipeline output. The model's metadata carries the validation and export
-metrics, the training params and the ONNX contract; the service and its page read them from there.
+metrics, the training params, the ONNX contract and the calibration and TTA that `predict` applies
+(`pipeline.calibration`); the service applies them and its page shows them, so a served P(dog) is the
+submission's.
 `--out` records the tag and the store for DVC (the store itself lives outside the repo).
 """
 
@@ -30,10 +32,12 @@ from pathlib import Path
 import bentoml
 from bentoml.exceptions import NotFound
 
+from pipeline.calibration import Calibration, CalibrationError
 from pipeline.config import load_params, load_value, setup_logging
 from pipeline.data import MODEL_FILE, read_metadata
 from pipeline.files import atomic_write_text
 from pipeline.params.package import PackageParams
+from pipeline.params.predict import PredictParams
 from pipeline.params.train import TrainParams, load_member
 
 log = logging.getLogger("package")
@@ -60,9 +64,15 @@ def without_none(value):
     return value
 
 
-def model_metadata(onnx_dir: Path, metrics_dir: Path, train: TrainParams) -> dict:
-    """What the service and its page show about the model: metrics, params, the ONNX contract."""
-    meta = {"onnx": {k: list(v) if isinstance(v, tuple) else v for k, v in read_metadata(onnx_dir).items()}}
+def model_metadata(onnx_dir: Path, metrics_dir: Path, train: TrainParams, calibration: Calibration, predict_variant: str
+                   ) -> dict:  # fmt: skip
+    """What the service applies and shows about the model: the calibration and TTA the submission applies, metrics,
+    params, the ONNX contract."""
+    meta = {
+        "onnx": {k: list(v) if isinstance(v, tuple) else v for k, v in read_metadata(onnx_dir).items()},
+        "calibration": calibration.as_dict(),  # read back by serving/service.py with Calibration.from_dict
+        "predict_variant": predict_variant,  # the variant setting the submission was made with (/info compares)
+    }
     for name in METRIC_FILES:
         path = metrics_dir / f"{name}.json"
         if path.exists():
@@ -136,6 +146,19 @@ def choose_member(setting: str, blend: Path) -> str:
     return setting
 
 
+def served_calibration(predict: PredictParams, metrics_dir: Path, member: str | None, blend: Path | None
+                       ) -> Calibration:  # fmt: skip
+    """The calibration predict applies to this model's logits: the blend's when the blend is this member alone
+    (then the service's P is the submission's), else the member's own from its evaluate.json."""
+    source = metrics_dir / "evaluate.json"
+    if blend is not None and json.loads(blend.read_text()).get("weights") == {member: 1.0}:
+        source = blend
+    try:
+        return Calibration.chosen(predict.clip, predict.tta, source)
+    except CalibrationError as e:
+        raise SystemExit(f"package failed: {e}") from None
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description="Import the ONNX model into the BentoML model store.")
     parser.add_argument("--onnx", type=Path, required=True)
@@ -152,6 +175,9 @@ def main(argv=None) -> None:
         args.onnx, args.metrics = args.onnx / member, args.metrics / member
         log.info("serving member %s (package.member: %s)", member, p.member)
     train = load_member(member, args.params)
+    predict = load_params(PredictParams, "predict", args.params)
+    calibration = served_calibration(predict, args.metrics, member, args.blend)
+    log.info("the service applies the submission's calibration: %s", calibration.describe())
     source = load_value("fetch", "source", str, args.params)
     if not (args.onnx / MODEL_FILE).exists():
         raise SystemExit(f"{args.onnx / MODEL_FILE} not found: run 'dvc repro export' first")
@@ -165,7 +191,8 @@ def main(argv=None) -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         own_staging(p.model_name)
-        model = import_model(args.onnx, p.model_name, model_metadata(args.onnx, args.metrics, train), labels)
+        metadata = model_metadata(args.onnx, args.metrics, train, calibration, predict.variant)
+        model = import_model(args.onnx, p.model_name, metadata, labels)
     except OSError as e:  # BENTOML_HOME cannot be created or written
         raise SystemExit(
             f"package failed: cannot write the BentoML model store ({e.__class__.__name__}: {e}). Set BENTOML_HOME "

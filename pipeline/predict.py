@@ -1,8 +1,8 @@
 """Stage `predict`: the test set through the ONNX model -> a checked, clipped `submissions/submission.csv`.
 
-`python -m pipeline.predict --onnx models/onnx --data data/prepared --evaluate metrics/evaluate.json
---labels data/raw/demo_test_labels.csv --submission submissions/submission.csv --metrics
-metrics/predict.json` (run by `dvc repro predict`).
+`python -m pipeline.predict --onnx models/onnx --data data/prepared --blend metrics/blend.json --labels
+data/raw/demo_test_labels.csv --submission submissions/submission.csv --metrics metrics/predict.json
+--member-logits predictions/test` (run by `dvc repro predict`).
 
 ONNX Runtime runs on CUDA when the session really gets it (onnxruntime-gpu falls back to CPU without
 raising, so `session.get_providers()` decides) and on CPU otherwise; `predict.variant` picks the model
@@ -10,11 +10,11 @@ file (auto: fp16 on CUDA when it passed export's check, else fp32: never int8 on
 on the CPU's int8 kernels, so the submission is the same file on every CPU); the log and the metrics say
 which. Threads decode and resize the JPEGs a few batches ahead of the model. `sample_submission.csv` is
 the authority on the ids: an id whose image is missing, was rejected by prepare or does not decode gets
-P(dog) = 0.5 and is listed in the metrics and the log, never dropped. P(dog) is calibrated as `evaluate`
-chose on the validation set (a temperature when it beat the clip alone there, then a clip to [c, 1-c]),
-or clipped at a fixed c, and the file is validated against the sample before it is written, atomically. With the
-demo's hidden labels the submission is scored (log loss, accuracy), so the whole chain, ids included, is
-checked end to end.
+P(dog) = 0.5 and is listed in the metrics and the log, never dropped. P(dog) is calibrated as `blend`
+chose on the validation set (`pipeline.calibration`: a temperature when it beat the clip alone there, then a
+clip to [c, 1-c]), or clipped at a fixed c, and the file is validated against the sample before it is written,
+atomically. With the demo's hidden labels the submission is scored (log loss, accuracy), so the whole chain, ids
+included, is checked end to end.
 """
 
 from __future__ import annotations
@@ -31,10 +31,10 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from scipy.special import expit
 from sklearn.metrics import log_loss
 from tqdm import tqdm
 
+from pipeline.calibration import Calibration, CalibrationError, model_logits
 from pipeline.config import load_params, setup_logging
 from pipeline.data import (
     ImageError,
@@ -52,35 +52,6 @@ from pipeline.params.predict import PredictParams
 
 log = logging.getLogger("predict")
 UNREADABLE_P = 0.5  # an image we cannot see: P = 0.5 costs log 2, the least when nothing is known
-
-
-def resolve_calibration(setting: str | float, evaluate_metrics: Path) -> tuple[float | None, float]:
-    """(temperature or None, clip) from predict.clip: a number is that fixed clip alone; "evaluate" is what
-    evaluate (or blend, for the blend) chose on the validation set, as `evaluate_metrics` records it: its
-    temperature and the clip searched on top of it when the temperature beat the clip alone there, else the clip."""
-    temperature = None
-    if setting == "evaluate":
-        if not evaluate_metrics.exists():
-            raise SystemExit(f"{evaluate_metrics} not found: run 'dvc repro', or set predict.clip to a number")
-        chosen = json.loads(evaluate_metrics.read_text())
-        if chosen.get("calibration") == "temperature":
-            temperature, clip = chosen["temperature"], chosen["temperature_clip"]
-        else:
-            clip = chosen["clip"]
-    else:
-        clip = setting
-    if not 0 <= clip < 0.5:
-        raise SystemExit(f"clip {clip} is outside [0, 0.5): P(dog) would be clipped to an empty range")
-    if temperature is not None and not temperature > 0:
-        raise SystemExit(f"temperature {temperature} in {evaluate_metrics} is not positive: run 'dvc repro' again")
-    return temperature, float(clip)
-
-
-def logit_difference(probs: np.ndarray, dog: int) -> np.ndarray:
-    """z_dog - z_cat from the softmax output (N, 2), as float64: for two classes softmax(logits / T) depends only on
-    it, so the ONNX model's probabilities are enough to scale a temperature (and to blend members)."""
-    p = np.maximum(probs.astype(np.float64), np.finfo(np.float32).tiny)  # a P that underflowed to 0
-    return np.log(p[:, dog]) - np.log(p[:, 1 - dog])
 
 
 def rejected_by_prepare(data: Path) -> dict[int, str]:
@@ -113,24 +84,6 @@ def decoded_batches(items: list, load, batch_size: int, pool: ThreadPoolExecutor
     while pending:
         batch, futures = pending.popleft()
         yield batch, [f.result() for f in futures]
-
-
-def member_logits(session, meta: dict, x: np.ndarray, tta: bool) -> np.ndarray:
-    """z_dog - z_cat (float64) for a batch x (N, 3, H, W); with `tta`, the mean of the image's and its mirror's
-    (as evaluate computes the validation set's, so the calibration and the blend fitted there fit)."""
-    if tta:
-        x = np.concatenate([x, x[..., ::-1]])  # one call: the mirrors fill the same batch
-    probs = session.run([meta["output_name"]], {meta["input_name"]: x})[0]  # (N or 2N, 2)
-    z = logit_difference(probs, meta["classes"].index("dogs"))
-    return (z[: len(z) // 2] + z[len(z) // 2 :]) / 2 if tta else z
-
-
-def run_model(session, meta: dict, x: np.ndarray, tta: bool, temperature: float | None = None) -> np.ndarray:
-    """P(dog) for a batch x (N, 3, H, W), temperature-scaled if given (the service's single model)."""
-    if not tta and temperature is None:
-        probs = session.run([meta["output_name"]], {meta["input_name"]: x})[0]
-        return probs[:, meta["classes"].index("dogs")]
-    return expit(member_logits(session, meta, x, tta) / (temperature or 1.0))
 
 
 def build_submission(ids: np.ndarray, p_dog: np.ndarray, clip: float) -> pd.DataFrame:
@@ -204,7 +157,7 @@ def predict_member(session, meta: dict, images: dict[int, Path], p: PredictParam
             good = {i: x for i, x in zip(batch, results, strict=True) if not isinstance(x, ImageError)}
             unreadable.update((i, str(x)) for i, x in zip(batch, results, strict=True) if isinstance(x, ImageError))
             if good:
-                z.update(zip(good, member_logits(session, meta, np.stack(list(good.values())), p.tta), strict=True))
+                z.update(zip(good, model_logits(session, meta, np.stack(list(good.values())), p.tta), strict=True))
     return z, unreadable
 
 
@@ -234,8 +187,11 @@ def main(argv=None) -> None:
     # 1. the members and the calibration blend chose on validation
     weights, _ = read_blend(args.blend)
     members = {m: open_member(args.onnx / m, p) for m in weights}
-    temperature, clip = resolve_calibration(p.clip, args.blend)
-    log.info("calibration: %s, clip %.4f", "none" if temperature is None else f"temperature {temperature:.3f}", clip)
+    try:
+        calibration = Calibration.chosen(p.clip, p.tta, args.blend)
+    except CalibrationError as e:
+        raise SystemExit(f"predict failed: {e}") from None
+    log.info("calibration: %s", calibration.describe())
 
     # 2. the ids (sample_submission.csv is the authority) and their images
     try:
@@ -253,8 +209,9 @@ def main(argv=None) -> None:
     seconds = time.perf_counter() - t0
     if len(unreadable) == len(ids):
         raise SystemExit(f"none of the {len(ids)} test images could be read: run 'dvc repro prepare' again")
-    p_dog = {i: float(expit(sum(w * logits[m][i] for m, w in weights.items()) / (temperature or 1.0)))
-             for i in images if i not in unreadable}  # fmt: skip
+    readable = [i for i in images if i not in unreadable]
+    blended = np.array([sum(w * logits[m][i] for m, w in weights.items()) for i in readable], dtype=np.float64)
+    p_dog = dict(zip(readable, calibration.p_dog(blended).tolist(), strict=True))
     for i, reason in sorted(unreadable.items()):
         log.warning("test image %d unreadable, predicted %.1f: %s", i, UNREADABLE_P, reason)
         p_dog[i] = UNREADABLE_P
@@ -265,13 +222,14 @@ def main(argv=None) -> None:
             atomic_write_text(args.member_logits / f"{name}.csv", "id,logit\n" + rows)
 
     # 4. the checked submission, and its metrics (scored when the demo's hidden labels are there)
+    clip = calibration.clip
     df = build_submission(np.array(ids), np.array([p_dog[i] for i in ids]), clip)
     write_submission(df, ids, clip, args.submission)
     metrics = {
         "n": len(df),
         "members": {m: {**info, "weight": weights[m]} for m, (_, _, info) in members.items()},
         "tta": p.tta,
-        "temperature": temperature,  # None: the clip alone
+        "temperature": calibration.temperature,  # None: the clip alone
         "clip": clip,
         "n_unreadable": len(unreadable),
         "unreadable": [{"id": i, "reason": r} for i, r in sorted(unreadable.items())],

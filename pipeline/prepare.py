@@ -4,7 +4,7 @@
 --metrics metrics/prepare.json` (run by `dvc repro prepare`). Writes:
 
     data/prepared/train/{cats,dogs}/        training images (Kaggle names kept: cat.123.jpg)
-    data/prepared/valid/{cats,dogs}/        prepare.valid_per_class per class, never in train
+    data/prepared/valid/{cats,dogs}/        prepare.valid_per_class per class (or valid_fraction), never in train
     data/prepared/sample/{train,valid}/...  a few hard links into train and valid, for quick tries
     data/prepared/test/unknown/             the test images (123.jpg)
     data/prepared/rejected/{train,test}/    images that do not decode, with rejected.csv saying why
@@ -145,14 +145,15 @@ def split_train(ids: dict[str, list[int]], params: PrepareParams) -> dict[str, d
     splits = {}
     for label in sorted(ids):
         pool = sorted(ids[label])
-        need = params.valid_per_class + params.sample_train_per_class
-        if len(pool) < need + 1:
+        n_valid = params.valid_size(len(pool))
+        if len(pool) < n_valid + params.sample_train_per_class + 1:
             raise PrepareError(
-                f"only {len(pool)} readable {label} images: prepare.valid_per_class="
-                f"{params.valid_per_class} leaves too few for training; lower it in params.yaml"
+                f"only {len(pool)} readable {label} images: prepare.valid_per_class={params.valid_per_class} "
+                f"leaves too few for training ({n_valid} for validation, valid_fraction {params.valid_fraction}); "
+                "lower it in params.yaml"
             )
         rng.shuffle(pool)
-        valid, train = sorted(pool[: params.valid_per_class]), sorted(pool[params.valid_per_class :])
+        valid, train = sorted(pool[:n_valid]), sorted(pool[n_valid:])
         splits[label] = {
             "train": train,
             "valid": valid,

@@ -1,12 +1,13 @@
 """Submit `submissions/submission.csv` to Kaggle (a command, not a DVC stage: it changes the world).
 
 `python -m pipeline.submit --submission submissions/submission.csv --prepared data/prepared --metrics
-metrics/evaluate.json --predict-metrics metrics/predict.json [--message TEXT]` (run by `make submit`).
+metrics/blend.json --predict-metrics metrics/predict.json [--message TEXT]` (run by `make submit`).
 
 Validates the file again against `sample_submission.csv` (the clip it must respect is the one predict
 applied, from `metrics/predict.json`), then uploads it with `KaggleApi.competition_submit`. The message
-names the git commit (`-dirty` when the tree has uncommitted changes) and the validation metrics, so a
-leaderboard entry can be traced back to the code and model that made it. Without credentials, without the
+names the git commit (`-dirty` when the tree has uncommitted changes), the members and the blend's calibrated
+validation figures with the calibration and TTA predict applied, so a leaderboard entry can be traced back to
+the code and model that made it. Without credentials, without the
 rules accepted, offline, or when Kaggle does not accept the upload, it stops with what to do.
 """
 
@@ -55,11 +56,14 @@ def git_commit(cwd: Path | None = None) -> str:
     return commit + ("-dirty" if dirty else "")
 
 
-def submission_message(commit: str, evaluate: dict, note: str | None = None) -> str:
-    """One line for the leaderboard: commit, validation accuracy, log loss after the clip, the clip."""
+def submission_message(commit: str, blend: dict, predict: dict, note: str | None = None) -> str:
+    """One line for the leaderboard: commit, members, the blend's validation accuracy and calibrated log loss, and
+    the calibration predict applied (temperature, clip, TTA)."""
+    temperature = f"T={predict['temperature']:.3f} " if predict.get("temperature") is not None else ""
     text = (
-        f"{commit} valid acc={evaluate['accuracy']:.4f} logloss={evaluate['log_loss_clipped']:.4f} "
-        f"clip={evaluate['clip']:.4f}"
+        f"{commit} {'+'.join(blend['weights'])} valid acc={blend['accuracy']:.4f} "
+        f"logloss={blend['log_loss_calibrated']:.4f} {temperature}clip={predict['clip']:.4f}"
+        f"{' tta' if predict.get('tta') else ''}"
     )
     return f"{text} {note}" if note else text
 
@@ -98,7 +102,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description="Validate and submit the submission file to Kaggle.")
     parser.add_argument("--submission", type=Path, required=True)
     parser.add_argument("--prepared", type=Path, required=True, help="data/prepared: its sample_submission.csv")
-    parser.add_argument("--metrics", type=Path, required=True, help="metrics/evaluate.json, for the message")
+    parser.add_argument("--metrics", type=Path, required=True, help="metrics/blend.json: the message's figures")
     parser.add_argument("--predict-metrics", type=Path, required=True, help="metrics/predict.json: the clip applied")
     parser.add_argument("--message", help="text appended to the message (commit and metrics are always in it)")
     parser.add_argument("--params", default="params.yaml")
@@ -107,8 +111,9 @@ def main(argv=None) -> None:
     competition = load_params(FetchParams, "fetch", args.params).competition
     for path in (args.submission, args.metrics, args.predict_metrics):
         if not path.exists():
-            raise SystemExit(f"{path} not found: run 'dvc repro predict' first")
-    clip = json.loads(args.predict_metrics.read_text())["clip"]
+            raise SystemExit(f"{path} not found: make the submission first ('make repro', or 'dvc repro predict')")
+    predict = json.loads(args.predict_metrics.read_text())
+    clip = predict["clip"]
     try:
         validate_submission(
             pd.read_csv(args.submission), read_sample_ids(args.prepared / "sample_submission.csv"), clip
@@ -116,7 +121,7 @@ def main(argv=None) -> None:
     except (SubmissionError, pd.errors.ParserError, pd.errors.EmptyDataError) as e:
         raise SystemExit(f"{args.submission} is not a valid submission, not submitted: {e}") from None
     try:
-        message = submission_message(git_commit(), json.loads(args.metrics.read_text()), args.message)
+        message = submission_message(git_commit(), json.loads(args.metrics.read_text()), predict, args.message)
         log.info("submitting %s to %s: %s", args.submission, competition, message)
         answer = submit_to_kaggle(args.submission, message, competition)
     except SubmitError as e:

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from sklearn.metrics import log_loss
 from torch import nn
-from torch.utils.data import ConcatDataset, DataLoader, Dataset
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, RandomSampler
 from torchvision.datasets import ImageFolder
 from tqdm import tqdm
 
@@ -61,6 +61,7 @@ from pipeline.model import (
     train_transform,
     trainable_module,
     trainable_part,
+    use_bf16,
 )
 from pipeline.params.train import TrainParams, load_member
 
@@ -74,14 +75,28 @@ def phases(p: TrainParams) -> list[tuple[str, int, float]]:
     return [(p.finetune, p.epochs, p.lr)]
 
 
-def train_one_epoch(net, loader, optimizer, scheduler, device, desc="train") -> float:
-    """One pass over `loader` (images, or cached activations for the trainable part); the mean loss."""
+ETA_BATCHES = 20  # the first batches of a phase, timed for its estimate (the first few are slower: warm-up)
+
+
+def train_one_epoch(
+    net, loader, optimizer, scheduler, device, desc="train", bf16: bool | None = None, epochs_left: int = 0
+) -> float:
+    """One pass over `loader` (images, or cached activations for the trainable part); the mean loss. `bf16`: under
+    bf16 autocast (None: on CUDA only). `epochs_left` > 0: log an estimate of the phase's time, these epochs
+    included, from the first ETA_BATCHES batches."""
     total, count = 0.0, 0
-    for x, y in tqdm(loader, desc=desc, leave=False, mininterval=2):
+    t0 = time.perf_counter()
+    for batch, (x, y) in enumerate(tqdm(loader, desc=desc, leave=False, mininterval=2), 1):
+        if epochs_left and batch == ETA_BATCHES + 1 and len(loader) > 2 * ETA_BATCHES:
+            per_epoch = (time.perf_counter() - t0) / ETA_BATCHES * len(loader)
+            log.info(
+                "%s: ~%.1f min an epoch (from its first %d batches), ~%.0f min for the phase's %d epoch(s) left",
+                desc, per_epoch / 60, ETA_BATCHES, per_epoch * epochs_left / 60, epochs_left,
+            )  # fmt: skip
         x, y = to_device(x, device), y.to(device, non_blocking=True)
         # forward backward update
-        with autocast(device):
-            loss = F.cross_entropy(net(x), y)
+        with autocast(device, bf16):
+            loss = F.cross_entropy(net(x).float(), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -91,8 +106,8 @@ def train_one_epoch(net, loader, optimizer, scheduler, device, desc="train") -> 
     return total / count
 
 
-def validate(model, loader, device) -> dict:
-    logits, y = predict_logits(model, loader, device)
+def validate(model, loader, device, bf16: bool | None = None) -> dict:
+    logits, y = predict_logits(model, loader, device, bf16=bf16)
     t = torch.from_numpy(logits)
     p_dog = torch.softmax(t, 1)[:, 1].numpy()
     # no separate valid cross-entropy: with two classes it is this log loss (the same curve drawn twice)
@@ -155,8 +170,12 @@ def make_loaders(
     # no persistent_workers: fresh workers each epoch draw their seeds from `gen`, whose state the checkpoint
     # keeps, so a resumed run augments exactly as an uninterrupted one (persistent ones seed once, at start)
     kw = dict(batch_size=p.batch_size, num_workers=workers, pin_memory=device.type == "cuda")
+    if cache is None and 0 < p.epoch_images < len(train_ds):  # a new draw of epoch_images each epoch, no repeats
+        order = dict(sampler=RandomSampler(train_ds, num_samples=p.epoch_images, generator=gen))
+    else:
+        order = dict(shuffle=True, generator=gen)
     return (
-        DataLoader(train_ds, shuffle=True, generator=gen, drop_last=len(train_ds) > p.batch_size, **kw),
+        DataLoader(train_ds, drop_last=len(train_ds) > p.batch_size, **order, **kw),
         DataLoader(valid_ds, shuffle=False, **kw),
     )
 
@@ -250,6 +269,7 @@ class Run:
     gen: torch.Generator  # the shuffle order: saved in checkpoints
     plan: list[tuple[str, int, float]]  # phases: (finetune, epochs, lr)
     key: str  # params + data: a checkpoint of another key is not resumed
+    bf16: bool  # bf16 autocast (train.precision resolved for this device)
     epochs_done: int = 0
     history: list[dict] = field(default_factory=list)
     best: dict | None = None
@@ -296,12 +316,14 @@ def start_run(p: TrainParams, data: Path, features: Path, checkpoint: Path) -> R
         gen=torch.Generator().manual_seed(p.seed),
         plan=phases(p),
         key=run_key(p, data),
+        bf16=use_bf16(p.precision, device),
     )
     log.info(
-        "%s, weights %s; %s",
+        "%s, weights %s; %s; %s",
         p.arch,
         p.weights,
         " then ".join(f"{finetune} for {n} epochs at lr {lr:g}" for finetune, n, lr in run.plan),
+        "bf16 autocast" if run.bf16 else "fp32",
     )
     return run
 
@@ -358,10 +380,11 @@ def train_phase(run: Run, live, phase: int, first: int) -> None:
     for epoch in range(max(run.epochs_done, first), first + epochs):
         t0 = time.perf_counter()
         set_train_mode(run.model, p.arch, finetune, p.freeze_bn)
+        left = first + epochs - epoch if epoch == max(run.epochs_done, first) else 0  # the phase's first epoch here
         train_loss = train_one_epoch(
-            net, train_loader, optimizer, scheduler, run.device, f"{finetune} epoch {epoch + 1}"
+            net, train_loader, optimizer, scheduler, run.device, f"{finetune} epoch {epoch + 1}", run.bf16, left
         )
-        metrics = {"train_loss": train_loss, **validate(net, valid_loader, run.device)}
+        metrics = {"train_loss": train_loss, **validate(net, valid_loader, run.device, run.bf16)}
         run.history.append(metrics)
         log_epoch(live, metrics)
         if run.best is None or p.keep == "last" or metrics["valid_log_loss"] < run.best["valid_log_loss"]:
@@ -406,7 +429,8 @@ def refit(run: Run) -> nn.Module:
         for epoch in range(first, min(first + epochs, stop)):
             t0 = time.perf_counter()
             set_train_mode(model, p.arch, finetune, p.freeze_bn)
-            loss = train_one_epoch(net, loader, optimizer, scheduler, run.device, f"refit {finetune} epoch {epoch + 1}")
+            desc = f"refit {finetune} epoch {epoch + 1}"
+            loss = train_one_epoch(net, loader, optimizer, scheduler, run.device, desc, run.bf16)
             log.info("refit epoch %d/%d on %d images (%s)  train_loss %.4f  %.0fs",
                      epoch + 1, stop, len(loader.dataset), finetune, loss, time.perf_counter() - t0)  # fmt: skip
         first += epochs

@@ -12,8 +12,10 @@
   fail a batch that other clients' images are in, because it never reaches it.
 
 Preprocessing comes from the ONNX metadata through `pipeline.data.preprocess`, the function `predict`
-uses. `GET /` is a page for people (serving/page.html), `GET /info` the model's version and validation
-metrics for it. BentoML adds `/livez`, `/readyz` and Prometheus `/metrics`. Settings: the `serve` section of
+uses; flip TTA, temperature and clip from the store's metadata through `pipeline.calibration`, as `predict`
+applies them, so `p_dog` is the submission's probability (`GET /info` says when the variant differs).
+`GET /` is a page for people (serving/page.html), `GET /info` the model's version, validation metrics and
+calibration. BentoML adds `/livez`, `/readyz` and Prometheus `/metrics`. Settings: the `serve` section of
 params.yaml (`DOGSCATS_PARAMS` names another file); the store: `BENTOML_HOME` (default ~/bentoml).
 """
 
@@ -39,6 +41,7 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse
 from starlette.routing import Route
 
+from pipeline.calibration import Calibration, CalibrationError
 from pipeline.config import load_params
 from pipeline.data import ImageError, load_image, open_model, preprocess_as, read_metadata
 from pipeline.params.package import PackageParams
@@ -72,6 +75,19 @@ if _short:
         "interrupted 'dvc repro package' leaves it: run 'dvc repro package' again"
     )
 MODEL = bentoml.models.BentoModel(f"{MODEL_NAME}:latest")
+
+
+def stored_calibration(model) -> Calibration:
+    """The TTA, temperature and clip `package` stored with the model: what `predict` applies to the submission."""
+    try:
+        return Calibration.from_dict(model.info.metadata["calibration"])
+    except KeyError:
+        raise SystemExit(
+            f"model {model.tag} in the BentoML store has no calibration (packaged before the service applied the "
+            "submission's): run 'dvc repro package' again"
+        ) from None
+    except CalibrationError as e:
+        raise SystemExit(f"model {model.tag}: {e}") from None
 
 
 UPLOAD_FIELDS = {"/classify": "image", "/classify_batch": "images"}  # endpoint -> its multipart field
@@ -324,12 +340,13 @@ RUNNER_MAX_REQUESTS = 1_000_000
     runner_connection={"max_requests": RUNNER_MAX_REQUESTS},
 )
 class Classifier:
-    """The model: preprocessed images (N, 3, H, W) -> probabilities (N, 2), batched across requests."""
+    """The model: preprocessed images (N, 3, H, W) -> calibrated P(dog) (N,), batched across requests."""
 
     model = MODEL
 
     def __init__(self) -> None:
         self.meta = read_metadata(self.model.path)
+        self.calibration = stored_calibration(self.model)
         # serve.variant auto: fp16 on CUDA, int8 on CPU (speed), when they passed export's check (the store holds
         # the variants export kept)
         self.session, self.provider, self.variant = open_model(
@@ -352,8 +369,13 @@ class Classifier:
         max_latency_ms=SERVE.max_latency_ms,
     )
     def predict(self, images: np.ndarray) -> np.ndarray:
-        feed = {self.meta["input_name"]: np.ascontiguousarray(images, dtype=np.float32)}
-        return self.session.run([self.meta["output_name"]], feed)[0]
+        """P(dog) (N,) as the submission computes it: flip TTA, temperature and clip as `package` stored them."""
+        return self.calibration.predict(self.session, self.meta, images)
+
+    @bentoml.api
+    def describe(self) -> dict:
+        """The variant and provider this model worker runs (GET /info shows them)."""
+        return {"variant": self.variant, "provider": self.provider}
 
 
 @bentoml.service(traffic={"timeout": 120})
@@ -365,7 +387,7 @@ class DogsVsCats:
 
     def __init__(self) -> None:
         self.meta = read_metadata(self.model.path)
-        self.dog = self.meta["classes"].index("dogs")
+        self.calibration = stored_calibration(self.model)
 
     def load(self, upload: Path, name: str) -> np.ndarray:
         """One upload -> a preprocessed (3, H, W) array, or a 4xx error that says what is wrong."""
@@ -398,19 +420,20 @@ class DogsVsCats:
                     raise
                 log.warning("connection to the model service dropped (%s): retrying", e.__class__.__name__)
 
-    def answer(self, probs: np.ndarray) -> dict:
-        p_dog = float(probs[self.dog])
-        return {"label": "dog" if p_dog >= 0.5 else "cat", "p_dog": p_dog, "p_cat": float(1.0 - p_dog)}
+    @staticmethod
+    def answer(p_dog: float) -> dict:
+        p_dog = float(p_dog)
+        return {"label": "dog" if p_dog >= 0.5 else "cat", "p_dog": p_dog, "p_cat": 1.0 - p_dog}
 
     @bentoml.api
     async def classify(self, image: Path) -> dict:
-        """One photo (multipart field `image`) -> {"label", "p_dog", "p_cat"}."""
+        """One photo (multipart field `image`) -> {"label", "p_dog", "p_cat"}: the submission's calibrated P(dog)."""
         try:
             x = await asyncio.to_thread(self.load, image, "image")  # decoding blocks: keep it off the event loop
         except BadUpload as e:
             return error(e.status, str(e))
-        probs = await self.infer(x[None])
-        return self.answer(probs[0])
+        p_dog = await self.infer(x[None])
+        return self.answer(p_dog[0])
 
     @bentoml.api
     async def classify_batch(self, images: list[Path]) -> list[dict]:
@@ -426,8 +449,8 @@ class DogsVsCats:
             )
         except BadUpload as e:
             return error(e.status, str(e))
-        probs = await self.infer(np.stack(xs))
-        return [self.answer(p) for p in probs]
+        p_dog = await self.infer(np.stack(xs))
+        return [self.answer(p) for p in p_dog]
 
 
 DogsVsCats.add_asgi_middleware(UploadGuard)
@@ -442,18 +465,42 @@ async def page(_: Request) -> FileResponse:
 
 
 async def model_info(_: Request) -> JSONResponse:
-    """The served model's tag and its validation metrics, from the store's metadata (no second model load)."""
-    model = bentoml.get_current_service().model  # the DogsVsCats instance of this worker
+    """The served model's tag, its validation metrics and the calibration it applies, from the store's metadata,
+    and the variant the model worker runs, which may differ from the submission's."""
+    service = bentoml.get_current_service()  # the DogsVsCats instance of this worker
+    model = service.model
     meta = model.info.metadata
+    running = await service.classifier.to_async.describe()
+    submission = submission_variant(meta.get("predict_variant", "auto"), running["provider"])
+    same = running["variant"] == submission
     return JSONResponse(
         {
             "name": model.tag.name,
             "version": model.tag.version,
             "created": model.info.creation_time.isoformat(),
+            "member": model.info.labels.get("member"),
             "evaluate": meta.get("evaluate"),  # absent when the package stage found no metrics/evaluate.json
             "export": meta.get("export"),
+            "calibration": service.calibration.as_dict(),  # applied to every answer, as predict does
+            "variant": running["variant"],
+            "provider": running["provider"],
+            "submission_variant": submission,
+            "same_as_submission": same,
+            "note": "P(dog) is the submission's: same model file, TTA and calibration"
+            if same
+            else f"this service runs {running['variant']}, the submission {submission}: P(dog) differs from the "
+            "submission's within export's check of that variant (export.json); set serve.variant to "
+            f"{submission} for the submission's own",
         }
     )
+
+
+def submission_variant(setting: str, provider: str) -> str:
+    """The model file predict used for the submission, from predict.variant (auto: fp16 on CUDA if export kept it,
+    else fp32; never int8): what the same provider gives."""
+    if setting != "auto":
+        return setting
+    return "fp16" if provider == "cuda" and (Path(MODEL.path) / "model.fp16.onnx").is_file() else "fp32"
 
 
 # Mounted at "/": BentoML's PassiveMount only claims the paths this app has a route for, so the APIs,

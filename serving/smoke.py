@@ -34,12 +34,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(port: int, env: dict | None = None, log=None) -> subprocess.Popen:
-    """`bentoml serve` on 127.0.0.1:`port`, in its own process group (the API and the model service)."""
+def start(port: int, env: dict | None = None, log=None, target: str = SERVICE, cwd: Path = ROOT) -> subprocess.Popen:
+    """`bentoml serve` of `target` (the service in this checkout, or a built bento's tag) on 127.0.0.1:`port`, in its
+    own process group (the API and the model service)."""
     bentoml = Path(sys.executable).parent / "bentoml"
-    cmd = [str(bentoml), "serve", SERVICE, "--host", "127.0.0.1", "--port", str(port)]
+    cmd = [str(bentoml), "serve", target, "--host", "127.0.0.1", "--port", str(port)]
     cmd += ["--timeout-graceful-shutdown", str(GRACEFUL_SHUTDOWN_S)]
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def wait_ready(url: str, proc: subprocess.Popen, seconds: float = 180) -> None:

@@ -56,7 +56,8 @@ def tiny_demo(**overrides) -> DemoParams:
 
 def tiny_prepare(**overrides) -> PrepareParams:
     values = dict(
-        seed=1, valid_per_class=5, sample_train_per_class=3, sample_valid_per_class=2, max_pixels=1_000_000, workers=1
+        seed=1, valid_per_class=5, valid_fraction=0.0, sample_train_per_class=3, sample_valid_per_class=2,
+        max_pixels=1_000_000, workers=1,
     )
     return PrepareParams(**{**values, **overrides})
 
@@ -72,73 +73,46 @@ def run(*args, env=None):
 
 @pytest.fixture(scope="session")
 def served(tmp_path_factory):
-    """A tiny model trained, evaluated, exported and packaged by the real stages, served by the real
-    `bentoml serve`. One per session: tests/test_service.py and tests/test_page.py share it."""
+    """A tiny model trained, evaluated, exported, blended, predicted and packaged by the real stages with dvc.yaml's
+    layout (one member, `model`; flip TTA), served by the real `bentoml serve`. One per session:
+    tests/test_service.py, tests/test_page.py and tests/test_package.py share it."""
     tmp = tmp_path_factory.mktemp("serve")
-    write_demo_zip(tmp / "c.zip", tmp / "labels.csv", tiny_demo(train_per_class=24, test_count=2))
+    write_demo_zip(tmp / "c.zip", tmp / "labels.csv", tiny_demo(train_per_class=24, test_count=8))
     prepare(tmp / "c.zip", tmp / "prepared", tiny_prepare(valid_per_class=4))
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["train"].update(image_size=32, epochs=1, batch_size=8, workers=0, device="cpu")
+    params["predict"].update(tta=True)  # the service must apply it as predict does
     params["serve"].update(max_bytes=MAX_BYTES, max_pixels=MAX_PIXELS, max_batch_size=8, max_latency_ms=20000)
     (tmp / "params.yaml").write_text(yaml.safe_dump(params))
     p = ["--params", str(tmp / "params.yaml")]
-    run("-m", "pipeline.features", "--data", str(tmp / "prepared"), "--out", str(tmp / "features"), *p)
+    member, data = "model", ["--data", str(tmp / "prepared")]
+    onnx, metrics = tmp / "onnx" / member, tmp / "metrics" / member  # dvc.yaml's <stage folder>/<member>
+    run("-m", "pipeline.features", *data, "--out", str(tmp / "features"), *p)
     run(
-        "-m",
-        "pipeline.train",
-        "--data",
-        str(tmp / "prepared"),
-        "--features",
-        str(tmp / "features"),
-        "--model",
-        str(tmp / "model.pt"),
-        "--checkpoint",
-        str(tmp / "ckpt.pt"),
-        "--live",
-        str(tmp / "live"),
-        *p,
-    )
-    (tmp / "metrics").mkdir()
+        "-m", "pipeline.train", *data, "--features", str(tmp / "features"), "--model", str(tmp / "model.pt"),
+        "--checkpoint", str(tmp / "ckpt.pt"), "--live", str(tmp / "live"), *p,
+    )  # fmt: skip
     # the validation metrics go into the model store's metadata: the page shows them
     run(
-        "-m",
-        "pipeline.evaluate",
-        "--data",
-        str(tmp / "prepared"),
-        "--model",
-        str(tmp / "model.pt"),
-        "--metrics",
-        str(tmp / "metrics" / "evaluate.json"),
-        "--plots",
-        str(tmp / "plots"),
-        *p,
-    )
+        "-m", "pipeline.evaluate", *data, "--model", str(tmp / "model.pt"), "--metrics", str(metrics / "evaluate.json"),
+        "--plots", str(tmp / "plots"), "--predictions", str(tmp / "predictions" / f"{member}.csv"), *p,
+    )  # fmt: skip
     run(
-        "-m",
-        "pipeline.export",
-        "--model",
-        str(tmp / "model.pt"),
-        "--data",
-        str(tmp / "prepared"),
-        "--out",
-        str(tmp / "onnx"),
-        "--metrics",
-        str(tmp / "metrics" / "export.json"),
-        *p,
-    )
+        "-m", "pipeline.export", "--model", str(tmp / "model.pt"), *data, "--out", str(onnx),
+        "--metrics", str(metrics / "export.json"), *p,
+    )  # fmt: skip
+    blend = ["--blend", str(tmp / "metrics" / "blend.json")]
+    run("-m", "pipeline.blend", "--predictions", str(tmp / "predictions"), "--metrics", blend[1], "--plots",
+        str(tmp / "plots" / "blend"), *p)  # fmt: skip
+    run(
+        "-m", "pipeline.predict", "--onnx", str(tmp / "onnx"), *data, *blend, "--labels", str(tmp / "labels.csv"),
+        "--submission", str(tmp / "submission.csv"), "--metrics", str(tmp / "metrics" / "predict.json"), *p,
+    )  # fmt: skip
     env = {**tool_env(), "BENTOML_HOME": str(tmp / "bentoml"), "DOGSCATS_PARAMS": str(tmp / "params.yaml")}
     run(
-        "-m",
-        "pipeline.package",
-        "--onnx",
-        str(tmp / "onnx"),
-        "--metrics",
-        str(tmp / "metrics"),
-        "--out",
-        str(tmp / "bentoml-model.json"),
-        *p,
-        env=env,
-    )
+        "-m", "pipeline.package", "--onnx", str(tmp / "onnx"), "--metrics", str(tmp / "metrics"), *blend,
+        "--out", str(tmp / "bentoml-model.json"), *p, env=env,
+    )  # fmt: skip
 
     port = free_port()
     log = open(tmp / "serve.log", "w")
@@ -149,7 +123,7 @@ def served(tmp_path_factory):
     except (RuntimeError, TimeoutError) as e:
         stop(proc)
         pytest.fail(f"{e}:\n{(tmp / 'serve.log').read_text()}")
-    yield {"url": url, "tmp": tmp, "env": env, "proc": proc}
+    yield {"url": url, "tmp": tmp, "env": env, "proc": proc, "onnx": onnx, "metrics": metrics}
     assert stop(proc) == 0  # SIGTERM stops the API and the model service cleanly, within a minute
     log.close()
     shutil.rmtree(tmp)  # a model, its ONNX and the store's copy: ~2 GB

@@ -1,15 +1,20 @@
-"""The benches: the largest-batch search, and both benches end to end on tiny inputs in a Python where DVC,
-DVCLive, BentoML, Kaggle and locust cannot be imported (what a GPU machine's stock packages lack)."""
+"""The benches: the largest-batch search; the training and inference benches end to end on tiny inputs in a Python
+where DVC, DVCLive, BentoML, Kaggle and locust cannot be imported (what a GPU machine's stock packages lack); and
+every bench that reads a project run with its defaults from inside one after a demo-sized `dvc repro` (issue 22:
+load_test's default path had outlived the members), the counts and durations made small."""
 
 import importlib.util
 import json
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, TINY_DEMO, dvc, make_project, tool_env
 
 NOT_INSTALLED = ["dvclive", "dvc", "bentoml", "kaggle", "locust"]
 # `import x` fails for a module whose sys.modules entry is None, as it would where x is not installed
@@ -89,3 +94,120 @@ def test_train_bench_writes_its_figures_without_dvc_or_bentoml(tmp_path):
     for key in ("full_img_s", "head_uncached_img_s", "head_cached_img_s", "features_img_s", "loader_img_s"):
         assert out[key] > 0, key
     assert out["cached_vs_uncached_head"] == pytest.approx(out["head_cached_img_s"] / out["head_uncached_img_s"], 0.01)
+
+
+# --- the benches with their defaults, run from a project after a demo-sized `dvc repro` ---------------------------
+
+
+@pytest.fixture(scope="module")
+def repro_project(tmp_path_factory):
+    """A project after the real `dvc repro` (package into a temporary store): two tiny members, so the benches that
+    take one model must find the one the service serves (metrics/blend.json's best member); fp32 + int8 exported."""
+    tmp = tmp_path_factory.mktemp("bench")
+    project = make_project(
+        tmp / "project",
+        {
+            **TINY_DEMO,
+            "train.image_size": 32,
+            "train.epochs": 1,
+            "train.batch_size": 8,
+            "train.workers": 0,
+            "evaluate.workers": 0,
+            "evaluate.show_images": 2,
+            "export.parity_images": 2,
+            "predict.workers": 0,
+            "members": {"one": {"arch": "resnet18"}, "two": {"arch": "resnet18", "lr": 0.003}},
+        },
+    )
+    dvc(project, "repro", env={"BENTOML_HOME": str(tmp / "bentoml")})
+    yield project
+    shutil.rmtree(tmp)  # two models, their ONNX files and the store's copy
+
+
+def run_bench(project: Path, script: str, *args: str) -> subprocess.CompletedProcess:
+    """`python bench/<script> ARGS` from inside `project`, as a user runs it from the project root (a project holds
+    no bench/ of its own: the checkout's). Any BentoML store it makes is temporary, never ~/bentoml."""
+    env = {**tool_env(), "BENTOML_HOME": str(project.parent / "bentoml")}
+    cmd = [sys.executable, str(ROOT / "bench" / script), *args]
+    return subprocess.run(cmd, cwd=project, env=env, capture_output=True, text=True, timeout=600)
+
+
+def ran(done: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert done.returncode == 0, f"{done.args[1]} failed:\n{done.stdout[-3000:]}{done.stderr[-3000:]}"
+    return done
+
+
+def best_member(project: Path) -> str:
+    return json.loads((project / "metrics" / "blend.json").read_text())["best_member"]
+
+
+@pytest.mark.slow
+def test_load_test_serves_the_best_member_with_its_defaults(repro_project, tmp_path):
+    out = tmp_path / "load.json"
+    small = ["--clients", "2", "--seconds", "2", "--warmup", "1", "--raw-seconds", "0.2", "--idle-after", "0.5"]
+    ran(run_bench(repro_project, "load_test.py", *small, "--out", str(out)))
+    figures = json.loads(out.read_text())
+    assert figures["member"] == best_member(repro_project) and figures["image_size"] == 32
+    assert figures["calibration"]["tta"] is False  # the demo's predict.tta, stored by the package stage
+    for mode in (figures["batched"], figures["unbatched"]):
+        assert mode["requests"] > 0 and mode["errors"] == 0 and mode["rps"] > 0, mode
+    assert figures["raw_ort_img_s"] > 0 and figures["variant"] in ("fp32", "int8")
+
+
+@pytest.mark.slow
+def test_upload_memory_refuses_oversized_uploads_with_its_defaults(repro_project, tmp_path):
+    out = tmp_path / "upload.json"
+    max_bytes = yaml.safe_load((repro_project / "params.yaml").read_text())["serve"]["max_bytes"]
+    over = str(max_bytes // 2**20 + 1)  # MiB: just over the service's byte limit
+    ran(run_bench(repro_project, "upload_memory.py", "--uploads", "2", "--mb", over, "--cases", "declared",
+                  "--out", str(out)))  # fmt: skip
+    figures = json.loads(out.read_text())
+    assert figures["member"] == best_member(repro_project)
+    assert figures["declared"]["statuses"] == ["413"] and figures["declared"]["api_rss_before_mb"] > 0
+
+
+@pytest.mark.slow
+def test_int8_options_scores_the_served_member_with_its_defaults(repro_project, tmp_path):
+    out = tmp_path / "int8.json"
+    ran(run_bench(repro_project, "int8_options.py", "--options", "s8s8_minmax_64", "--batches", "1", "--out", str(out)))
+    figures = json.loads(out.read_text())
+    assert figures["model"] == f"models/{best_member(repro_project)}.pt"
+    assert figures["n_valid"] == 2 * TINY_DEMO["prepare.valid_per_class"] and figures["fp32"]["log_loss"] > 0
+    option = figures["options"]["s8s8_minmax_64"]
+    assert "error" not in option and option["log_loss"] > 0 and option["speedup"] > 0, option
+
+
+@pytest.mark.slow
+def test_blend_latency_times_every_member_with_its_defaults(repro_project, tmp_path):
+    out = tmp_path / "blend.json"
+    ran(run_bench(repro_project, "blend_latency.py", "--rounds", "2", "--out", str(out)))
+    figures = json.loads(out.read_text())
+    assert figures["members"] == ["one", "two"]
+    int8 = all((repro_project / "models" / "onnx" / m / "model.int8.onnx").exists() for m in ("one", "two"))
+    for variant in ("fp32", "int8") if int8 else ("fp32",):  # int8 where export kept it (CPU-dependent)
+        times = figures[variant]
+        assert times["one"] > 0 and times["two"] > 0 and times["blend_over_slowest_member"] >= 1, times
+
+
+@pytest.mark.slow
+def test_prepare_bench_prepares_its_zip_with_small_counts(repro_project, tmp_path):
+    small = ["--per-class", "12", "--test", "4", "--valid-per-class", "3"]
+    ran(run_bench(repro_project, "prepare_bench.py", *small, "--out", str(tmp_path)))
+    figures = json.loads((tmp_path / "prepare_cpu.json").read_text())
+    assert figures["images"] == 28 and figures["rejected"] == 0
+    assert figures["counts"]["valid"] == {"cat": 3, "dog": 3} and figures["counts"]["test"] == {"unknown": 4}
+
+
+@pytest.mark.slow
+def test_benches_without_their_inputs_say_what_to_provide_in_one_line(repro_project, tmp_path):
+    """offline_real and refit_check need a real `make offline` project, absent here; load_test given one member's
+    folder needs that member's metrics: each fails with one line that says what to run or pass, no traceback."""
+    cases = {
+        "offline_real.py": (["--zip", str(tmp_path / "missing.zip")], "--zip"),
+        "refit_check.py": (["--project", ".", "--work", str(tmp_path / "work")], "make offline"),
+        "load_test.py": (["--onnx", "models/onnx/one"], "--metrics"),
+    }
+    for script, (args, words) in cases.items():
+        done = run_bench(repro_project, script, *args)
+        lines = done.stderr.strip().splitlines()
+        assert done.returncode == 1 and len(lines) == 1 and words in lines[0], (script, done.stderr)

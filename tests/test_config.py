@@ -16,7 +16,8 @@ def test_project_params_load():
 
 
 def prepare_dict(**changes):
-    d = dict(seed=1, valid_per_class=5, sample_train_per_class=3, sample_valid_per_class=2, max_pixels=100, workers=0)
+    d = dict(seed=1, valid_per_class=5, valid_fraction=0.0, sample_train_per_class=3, sample_valid_per_class=2,
+             max_pixels=100, workers=0)  # fmt: skip
     d.update(changes)
     return d
 

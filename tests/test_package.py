@@ -1,19 +1,31 @@
 """The package stage and the service's start against a missing or unwritable BentoML store."""
 
 import json
+import os
+import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
+import requests
+import yaml
 
+from serving.smoke import free_port, start, stop, wait_ready
 from tests.conftest import BIN, ROOT, tool_env
 from tests.test_data import write_tiny_onnx
+
+
+def write_evaluate(folder: Path) -> Path:
+    """An evaluate.json with what package needs: the calibration (here a clip alone) that predict applies."""
+    folder.mkdir(parents=True)
+    (folder / "evaluate.json").write_text(json.dumps({"accuracy": 0.5, "calibration": "clip", "clip": 0.02}))
+    return folder
 
 
 @pytest.mark.slow
 def test_an_unwritable_store_is_a_message_not_a_traceback(tmp_path):
     onnx_dir = write_tiny_onnx(tmp_path / "onnx")
-    (tmp_path / "metrics").mkdir()
+    write_evaluate(tmp_path / "metrics")
     env = {**tool_env(), "BENTOML_HOME": "/proc/no-such-folder/bentoml"}  # cannot be created, even by root
     cmd = ["-m", "pipeline.package", "--onnx", str(onnx_dir), "--metrics", str(tmp_path / "metrics")]
     cmd += ["--out", str(tmp_path / "record.json")]
@@ -36,7 +48,7 @@ def test_the_service_on_an_empty_store_says_to_run_the_package_stage(tmp_path):
 @pytest.mark.slow
 def test_an_interrupted_import_is_refused_by_the_service_and_replaced_by_the_next_package(tmp_path):
     onnx_dir = write_tiny_onnx(tmp_path / "onnx")
-    (tmp_path / "metrics").mkdir()
+    write_evaluate(tmp_path / "metrics")
     env = {**tool_env(), "BENTOML_HOME": str(tmp_path / "store")}
     cmd = [str(BIN / "python"), "-m", "pipeline.package", "--onnx", str(onnx_dir)]
     cmd += ["--metrics", str(tmp_path / "metrics"), "--out", str(tmp_path / "record.json")]
@@ -62,7 +74,7 @@ def test_the_import_is_staged_under_the_store_and_a_killed_runs_leftover_is_remo
     """BentoML stages an import in tempfile.mkdtemp and removes it only at a normal exit: a killed package left
     600 MB in /tmp for good. It is staged under the store now, where the next package finds and removes it."""
     onnx_dir = write_tiny_onnx(tmp_path / "onnx")
-    (tmp_path / "metrics").mkdir()
+    write_evaluate(tmp_path / "metrics")
     store, tmp = tmp_path / "store", tmp_path / "tmp"
     tmp.mkdir()
     left = store / "tmp" / "package" / "bentoml-model-dogs-vs-cats-k1ll3d"  # as a SIGKILLed import leaves it
@@ -95,7 +107,8 @@ def test_package_with_the_blend_imports_the_chosen_members_folder_and_labels_it(
     for name, size in (("a", 16), ("b", 24)):
         write_tiny_onnx(tmp_path / "onnx" / name, image_size=size)
         (tmp_path / "metrics" / name).mkdir(parents=True)
-        (tmp_path / "metrics" / name / "evaluate.json").write_text(json.dumps({"accuracy": 0.5, "member": name}))
+        evaluate = {"accuracy": 0.5, "member": name, "clip": 0.01}
+        (tmp_path / "metrics" / name / "evaluate.json").write_text(json.dumps(evaluate))
     (tmp_path / "blend.json").write_text(json.dumps({"members": {"a": {}, "b": {}}, "best_member": "b"}))
     params = (ROOT / "params.yaml").read_text().replace("  model: {}\n", "  a: {}\n  b: {arch: resnet18}\n")
     (tmp_path / "params.yaml").write_text(params)
@@ -109,3 +122,62 @@ def test_package_with_the_blend_imports_the_chosen_members_folder_and_labels_it(
     record = json.loads((tmp_path / "rec.json").read_text())
     model_yaml = (Path(record["store"]) / Path(*record["tag"].split(":")) / "model.yaml").read_text()
     assert "member: b" in model_yaml and "arch: resnet18" in model_yaml and "image_size: 24" in model_yaml
+    # the calibration predict applies to this member's logits (its own: the blend is not this member alone)
+    assert yaml.safe_load(model_yaml)["metadata"]["calibration"] == {"tta": False, "clip": 0.01}
+
+
+# Python started with this as its sitecustomize does not see this checkout: the editable install's finder (run from
+# its .pth file, before sitecustomize) is taken out, and so is the checkout's folder. The bento's processes import
+# the service and `pipeline` from the bento's own src/, as in a container.
+WITHOUT_CHECKOUT = """
+import sys
+sys.meta_path[:] = [f for f in sys.meta_path if not getattr(f, "__module__", "").startswith("__editable__")]
+sys.path_hooks[:] = [h for h in sys.path_hooks if not getattr(h, "__module__", "").startswith("__editable__")]
+sys.path_importer_cache.clear()
+sys.path[:] = [p for p in sys.path if p.rstrip("/") != {root!r}]  # the venv inside it stays
+"""
+
+
+@pytest.mark.slow
+def test_the_built_bento_serves_from_its_own_src(served, tmp_path):
+    """`bentoml build` packages the service with every module it imports (bentofile.yaml's include): served from the
+    bento alone, with this checkout off the path, it answers /classify as the service in the checkout does."""
+    # a store of its own (the served one's files, hard-linked): two servers on one BENTOML_HOME share, and clear at
+    # start, its Prometheus folder, which would take the shared server's metrics from the tests after this one
+    store = tmp_path / "bentoml"
+    shutil.copytree(Path(served["env"]["BENTOML_HOME"]), store, copy_function=os.link,
+                    ignore=shutil.ignore_patterns("prometheus*"))  # fmt: skip
+    env = {k: v for k, v in served["env"].items() if k != "DOGSCATS_PARAMS"}  # the bento's own params.yaml
+    env["BENTOML_HOME"] = str(store)
+    build = [str(BIN / "bentoml"), "build", "-o", "tag"]
+    done = subprocess.run(build, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    tag = done.stdout.strip().splitlines()[-1].removeprefix("__tag__:")
+    src = Path(env["BENTOML_HOME"]) / "bentos" / Path(*tag.split(":")) / "src"
+    assert (src / "pipeline" / "calibration.py").is_file() and (src / "serving" / "service.py").is_file()
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(WITHOUT_CHECKOUT.format(root=str(ROOT)))
+    isolated = {**env, "PYTHONPATH": str(tmp_path / "site")}
+    probe = [str(BIN / "python"), "-c", "import pipeline"]
+    no_checkout = subprocess.run(probe, cwd=tmp_path, env=isolated, capture_output=True, text=True)
+    assert "No module named 'pipeline'" in no_checkout.stderr  # the isolation holds
+
+    photo = sorted((served["tmp"] / "prepared" / "test" / "unknown").glob("*.jpg"))[0]
+    files = {"image": (photo.name, photo.read_bytes(), "image/jpeg")}
+    expected = requests.post(f"{served['url']}/classify", files=files, timeout=120).json()
+    port = free_port()
+    with open(tmp_path / "serve.log", "w") as log:
+        proc = start(port, isolated, log, target=tag, cwd=tmp_path)
+        try:
+            wait_ready(f"http://127.0.0.1:{port}", proc)
+            r = requests.post(f"http://127.0.0.1:{port}/classify", files=files, timeout=120)
+            info = requests.get(f"http://127.0.0.1:{port}/info", timeout=30).json()
+        except (RuntimeError, TimeoutError) as e:
+            pytest.fail(f"{e}:\n{(tmp_path / 'serve.log').read_text()[-5000:]}")
+        finally:
+            stop(proc)
+    assert r.status_code == 200, r.text
+    assert r.json()["p_dog"] == pytest.approx(expected["p_dog"], abs=1e-6)
+    assert info["calibration"] == requests.get(f"{served['url']}/info", timeout=30).json()["calibration"]
+    log_text = (tmp_path / "serve.log").read_text()
+    assert "ModuleNotFoundError" not in log_text

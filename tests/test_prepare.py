@@ -154,6 +154,14 @@ def test_corrupt_images_are_quarantined_and_reported(demo_zip, tmp_path):
         assert len(list(csv.DictReader(f))) == 4
 
 
+def test_valid_fraction_takes_more_when_the_class_is_large(demo_zip, tmp_path):
+    """make offline's split: at least valid_per_class a class, and valid_fraction of it when that is more."""
+    assert tiny_prepare(valid_per_class=250, valid_fraction=0.1).valid_size(1_500) == 250  # the 4k kit: as before
+    assert tiny_prepare(valid_per_class=250, valid_fraction=0.1).valid_size(10_000) == 1000  # the 22k kit
+    metrics = prepare(demo_zip, tmp_path / "prepared", tiny_prepare(valid_per_class=2, valid_fraction=0.25))
+    assert metrics["counts"]["valid"] == {"cat": 5, "dog": 5} and metrics["counts"]["train"] == {"cat": 15, "dog": 15}
+
+
 def test_too_few_images_for_the_split_is_a_clear_error(demo_zip, tmp_path):
     with pytest.raises(PrepareError, match="lower it in params.yaml"):
         prepare(demo_zip, tmp_path / "prepared", tiny_prepare(valid_per_class=19))

@@ -21,12 +21,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
+import yaml
 from PIL import Image
 
+from pipeline.calibration import Calibration
 from pipeline.config import load_params
-from pipeline.data import open_model, read_metadata
+from pipeline.data import open_model
+from pipeline.evaluate import log_loss
+from pipeline.params.export import ExportParams
 from pipeline.params.serve import ServeParams
-from pipeline.predict import load_input, run_model
+from pipeline.variants import judge_variant
 from serving.service import BadUpload, DogsVsCats, FormCheck, upload_limits
 from serving.smoke import api_worker, free_port, proc_status, start, stop, wait_ready
 from tests.conftest import MAX_BYTES, MAX_PIXELS, ROOT, run
@@ -125,8 +129,8 @@ def test_exif_rotation_is_applied(service, tmp_path):
 
 
 def test_answer_shape(service):
-    assert service.answer(np.array([0.2, 0.8])) == {"label": "dog", "p_dog": 0.8, "p_cat": pytest.approx(0.2)}
-    assert service.answer(np.array([0.9, 0.1]))["label"] == "cat"
+    assert service.answer(np.float64(0.8)) == {"label": "dog", "p_dog": 0.8, "p_cat": pytest.approx(0.2)}
+    assert service.answer(0.1)["label"] == "cat"
 
 
 def form_part(field: str, data: bytes, filename: str | None = "a.jpg", boundary: str = "AAA") -> bytes:
@@ -199,31 +203,78 @@ def valid_images(served) -> list[Path]:
 def test_model_is_in_the_store_with_its_metadata(served):
     done = run("-m", "bentoml", "models", "get", "dogs-vs-cats:latest", "-o", "json", env=served["env"])
     assert '"image_size": 32' in done.stdout and "max_abs_diff" in done.stdout
+    assert '"calibration"' in done.stdout and '"predict_variant": "auto"' in done.stdout
 
 
-@pytest.mark.slow
-def test_classify_gives_what_predict_gives(served):
-    onnx_dir = served["tmp"] / "onnx"
-    # provider and variant auto, as predict and the service (serve.provider/variant auto) both resolve them
-    session, provider, variant = open_model(onnx_dir, "auto")
+def test_served_variant_is_what_auto_picks(served):
+    onnx_dir = served["onnx"]
+    # provider and variant auto, as the service (serve.provider/variant auto) resolves them
+    _, provider, variant = open_model(onnx_dir, "auto")
     # the demo params export fp32 + int8; int8 is kept only if it passed export's check (CPU-dependent)
     kept_int8 = (onnx_dir / "model.int8.onnx").is_file()
     assert kept_int8 == json.loads((onnx_dir / "variants.json").read_text())["int8"]["passed"]
     assert variant == ("fp32" if provider == "cuda" or not kept_int8 else "int8")
-    meta = read_metadata(onnx_dir)
-    answers = []
-    for path in valid_images(served):
+    info = requests.get(served["url"] + "/info", timeout=30).json()
+    assert (info["variant"], info["provider"], info["submission_variant"]) == (variant, provider, "fp32")
+    assert info["same_as_submission"] == (variant == "fp32")
+    note = "P(dog) is the submission's" if variant == "fp32" else f"this service runs {variant}, the submission fp32"
+    assert info["note"].startswith(note)
+
+
+def submission(path: Path) -> dict[int, float]:
+    return {int(i): float(p) for i, p in (line.split(",") for line in path.read_text().splitlines()[1:])}
+
+
+@pytest.mark.slow
+def test_classify_gives_the_submissions_probability(served, tmp_path):
+    """The service applies predict's flip TTA, temperature and clip (stored with the model by package): for the test
+    photos /classify answers what predict writes into the submission, to 1e-6 with the same variant (predict run
+    again with the served one), and within export's check of that variant against the fp32 submission."""
+    tmp = served["tmp"]
+    chosen = Calibration.chosen("evaluate", True, tmp / "metrics" / "blend.json")
+    info = requests.get(served["url"] + "/info", timeout=30).json()
+    assert info["calibration"] == chosen.as_dict() and chosen.tta
+    photos = sorted((tmp / "prepared" / "test" / "unknown").glob("*.jpg"), key=lambda f: int(f.stem))
+    served_p = {}
+    for path in photos:
         r = post(served, {"image": (path.name, path.read_bytes(), "image/jpeg")})
         assert r.status_code == 200, r.text
         answer = r.json()
-        expected = float(run_model(session, meta, load_input(path, meta, MAX_PIXELS)[None], tta=False)[0])
-        assert abs(answer["p_dog"] - expected) <= 1e-5
         assert answer["p_cat"] == pytest.approx(1 - answer["p_dog"]) and answer["label"] in ("cat", "dog")
-        answers.append(answer)
-    files = [("images", (p.name, p.read_bytes(), "image/jpeg")) for p in valid_images(served)]
-    r = post(served, files, "classify_batch")
+        served_p[int(path.stem)] = answer["p_dog"]
+    r = post(served, [("images", (p.name, p.read_bytes(), "image/jpeg")) for p in photos], "classify_batch")
     assert r.status_code == 200, r.text
-    assert [a["p_dog"] for a in r.json()] == pytest.approx([a["p_dog"] for a in answers], abs=1e-5)
+    assert [a["p_dog"] for a in r.json()] == pytest.approx(list(served_p.values()), abs=1e-6)
+
+    # predict with the served variant: the same probabilities
+    params = yaml.safe_load((tmp / "params.yaml").read_text())
+    params["predict"]["variant"] = info["variant"]
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    run(
+        "-m", "pipeline.predict", "--onnx", str(tmp / "onnx"), "--data", str(tmp / "prepared"), "--blend",
+        str(tmp / "metrics" / "blend.json"), "--submission", str(tmp_path / "submission.csv"), "--metrics",
+        str(tmp_path / "predict.json"), "--params", str(tmp_path / "params.yaml"),
+    )  # fmt: skip
+    same_variant = submission(tmp_path / "submission.csv")
+    assert set(same_variant) == set(served_p) and len(served_p) == 8
+    for i, p in served_p.items():
+        assert abs(p - same_variant[i]) <= 1e-6, (i, p, same_variant[i])
+    assert min(served_p.values()) >= chosen.clip and max(served_p.values()) <= 1 - chosen.clip
+
+    # against the fp32 submission: within export's check of the served variant (on the demo's test labels)
+    fp32 = submission(tmp / "submission.csv")
+    truth = {int(i): int(y) for i, y in (line.split(",") for line in (tmp / "labels.csv").read_text().splitlines()[1:])}
+    ids = sorted(truth)
+    y = np.array([truth[i] for i in ids])
+
+    def scored(p: dict) -> dict:
+        q = np.array([p[i] for i in ids])
+        return {"n": len(ids), "accuracy": float(np.mean((q > 0.5) == (y == 1))), "log_loss": log_loss(y, q)}
+
+    bounds = load_params(ExportParams, "export", tmp / "params.yaml")
+    assert judge_variant(scored(fp32), scored(served_p), bounds) is None
+    if info["variant"] == "fp32":
+        assert served_p == pytest.approx(fp32, abs=1e-6)
 
 
 @pytest.mark.slow
@@ -291,7 +342,7 @@ def test_exif_rotation_is_applied_over_http(served):
 @pytest.mark.slow
 def test_log_says_which_provider_runs(served):
     log = (served["tmp"] / "serve.log").read_text()
-    _, provider, variant = open_model(served["tmp"] / "onnx", "auto")  # what this machine gives
+    _, provider, variant = open_model(served["onnx"], "auto")  # what this machine gives
     if provider == "cuda":
         assert f"({variant}) on ONNX Runtime's CUDA provider" in log
     else:
@@ -372,7 +423,8 @@ def test_load_test_drives_batched_and_unbatched_services_with_two_model_workers(
     with two model workers of one thread: serve.workers), and raw ONNX Runtime beside them."""
     out = tmp_path / "load.json"
     run(
-        "bench/load_test.py", "--onnx", str(served["tmp"] / "onnx"), "--params", str(served["tmp"] / "params.yaml"),
+        "bench/load_test.py", "--onnx", str(served["onnx"]), "--metrics", str(served["metrics"]),
+        "--params", str(served["tmp"] / "params.yaml"),
         "--photos", str(served["tmp"] / "prepared" / "valid"), "--clients", "4", "--seconds", "4", "--warmup", "2",
         "--raw-seconds", "0.5", "--set", "workers=2", "--set", "threads=1", "--idle-after", "1", "--out", str(out),
     )  # fmt: skip
@@ -549,7 +601,7 @@ def test_idle_latency_comes_back_after_a_burst(served, tmp_path):
 def broken_store(served, dest: Path) -> Path:
     """The served model store, hard-linked, with the file the model service loads replaced by as many zero bytes:
     it passes the service's completeness check (sizes), the API starts, the model service fails to load it."""
-    _, _, variant = open_model(served["tmp"] / "onnx", "auto")  # what the model service loads on this machine
+    _, _, variant = open_model(served["onnx"], "auto")  # what the model service loads on this machine
     if variant == "fp32":
         pytest.skip("the model service loads model.onnx, which the API reads too: it cannot break alone")
     shutil.copytree(served["tmp"] / "bentoml", dest, copy_function=os.link)

@@ -2,6 +2,8 @@
 `requests.Session.send` (the network edge) replaced, as in test_fetch."""
 
 import json
+import os
+import shutil
 import subprocess
 
 import pytest
@@ -9,6 +11,7 @@ import requests
 
 from pipeline import submit
 from pipeline.submit import SubmitError, git_commit, submission_message, submit_to_kaggle
+from tests.conftest import BIN, ROOT, tool_env
 from tests.test_fetch import (
     JSON,
     fake_kaggle,
@@ -17,7 +20,8 @@ from tests.test_fetch import (
 )
 
 COMP = "dogs-vs-cats-redux-kernels-edition"
-EVALUATE = {"accuracy": 0.9123, "log_loss": 0.31, "clip": 0.0125, "log_loss_clipped": 0.2567}
+BLEND = {"accuracy": 0.9123, "log_loss": 0.31, "log_loss_calibrated": 0.2567, "weights": {"lite0": 0.5, "lite1": 0.5}}
+PREDICT = {"clip": 0.0125, "temperature": 1.2345, "tta": True, "n": 3}
 
 
 @pytest.fixture
@@ -26,39 +30,42 @@ def files(tmp_path):
     (tmp_path / "prepared").mkdir()
     (tmp_path / "prepared" / "sample_submission.csv").write_text("id,label\n1,0.5\n2,0.5\n3,0.5\n")
     (tmp_path / "submission.csv").write_text("id,label\n1,0.0125\n2,0.9875\n3,0.5\n")
-    (tmp_path / "evaluate.json").write_text(json.dumps(EVALUATE))
-    (tmp_path / "predict.json").write_text(json.dumps({"clip": 0.0125, "n": 3}))
+    (tmp_path / "blend.json").write_text(json.dumps(BLEND))
+    (tmp_path / "predict.json").write_text(json.dumps(PREDICT))
     return tmp_path
 
 
 def argv(files, *extra):
     return [
         "--submission", str(files / "submission.csv"), "--prepared", str(files / "prepared"),
-        "--metrics", str(files / "evaluate.json"), "--predict-metrics", str(files / "predict.json"), *extra,
+        "--metrics", str(files / "blend.json"), "--predict-metrics", str(files / "predict.json"), *extra,
     ]  # fmt: skip
 
 
+def kaggle_answer(req, upload_status=200):
+    """The Kaggle API's answers to a submission, after token introspection (fake_kaggle): the upload URL, the upload,
+    the submission."""
+    if "StartSubmissionUpload" in req.url:
+        body = {"token": "blob-token-1", "createUrl": "https://storage.googleapis.com/upload/sub?sig=1"}
+        return response(req, 200, json.dumps(body).encode(), JSON)
+    if req.url.startswith("https://storage.googleapis.com/upload/"):
+        req.uploaded = req.body.read() if hasattr(req.body, "read") else req.body  # a file reader, closed later
+        return response(req, upload_status, b"")
+    if "CreateSubmission" in req.url:
+        return response(req, 200, b'{"message": "Successfully submitted", "ref": 42}', JSON)
+    raise AssertionError(f"unexpected request {req.method} {req.url}")
+
+
 def kaggle(monkeypatch, upload_status=200):
-    """The Kaggle API answered at the network edge: token introspection (fake_kaggle), the upload URL, the
-    upload, the submission. Returns the requests sent."""
-
-    def answer(req):
-        if "StartSubmissionUpload" in req.url:
-            body = {"token": "blob-token-1", "createUrl": "https://storage.googleapis.com/upload/sub?sig=1"}
-            return response(req, 200, json.dumps(body).encode(), JSON)
-        if req.url.startswith("https://storage.googleapis.com/upload/"):
-            req.uploaded = req.body.read() if hasattr(req.body, "read") else req.body  # a file reader, closed later
-            return response(req, upload_status, b"")
-        if "CreateSubmission" in req.url:
-            return response(req, 200, b'{"message": "Successfully submitted", "ref": 42}', JSON)
-        raise AssertionError(f"unexpected request {req.method} {req.url}")
-
-    return fake_kaggle(monkeypatch, answer)
+    """The Kaggle API answered at the network edge. Returns the requests sent."""
+    return fake_kaggle(monkeypatch, lambda req: kaggle_answer(req, upload_status))
 
 
 def test_message_carries_commit_and_metrics():
-    msg = submission_message("abc1234-dirty", EVALUATE, "tta on")
-    assert msg == "abc1234-dirty valid acc=0.9123 logloss=0.2567 clip=0.0125 tta on"
+    msg = submission_message("abc1234-dirty", BLEND, PREDICT, "second try")
+    assert msg == "abc1234-dirty lite0+lite1 valid acc=0.9123 logloss=0.2567 T=1.234 clip=0.0125 tta second try"
+    no_temperature = submission_message("abc1234", {**BLEND, "weights": {"model": 1.0}}, {"clip": 0.02, "tta": False})
+    assert no_temperature == "abc1234 model valid acc=0.9123 logloss=0.2567 clip=0.0200"
 
 
 def test_git_commit_says_dirty(tmp_path):
@@ -96,7 +103,8 @@ def test_main_validates_then_submits(files, monkeypatch, caplog):
     with caplog.at_level("INFO", logger="submit"):
         submit.main(argv(files, "--message", "first try"))
     create = json.loads(next(r for r in sent if "CreateSubmission" in r.url).body)
-    assert create["submissionDescription"] == "abc1234 valid acc=0.9123 logloss=0.2567 clip=0.0125 first try"
+    expected = "abc1234 lite0+lite1 valid acc=0.9123 logloss=0.2567 T=1.234 clip=0.0125 tta first try"
+    assert create["submissionDescription"] == expected
     assert any("Successfully submitted" in r.message for r in caplog.records)
 
 
@@ -168,3 +176,72 @@ def test_offline(files, monkeypatch):
     monkeypatch.setattr(requests.Session, "send", offline)
     with pytest.raises(SubmitError, match="offline"):
         submit_to_kaggle(files / "submission.csv", "m", COMP)
+
+
+# `make submit` runs pipeline.submit in its own Python: this file, as its sitecustomize, puts the fake Kaggle edge
+# there (requests.Session.send answered by kaggle_answer) and logs each request as a JSON line
+SITECUSTOMIZE = """
+import json, os, sys
+sys.path.insert(0, {root!r})
+import requests
+from tests.test_fetch import JSON, response
+from tests.test_submit import kaggle_answer
+
+def send(self, req, **kwargs):
+    if "IntrospectToken" in req.url:
+        r = response(req, 200, b'{{"active": true, "username": "fastai-student"}}', JSON)
+    else:
+        r = kaggle_answer(req)
+    body = getattr(req, "uploaded", None) or req.body
+    with open(os.environ["FAKE_KAGGLE_LOG"], "a") as log:
+        log.write(json.dumps({{"method": req.method, "url": req.url, "body": body.decode() if isinstance(body, bytes)
+                              else body}}) + "\\n")
+    return r
+
+requests.Session.send = send
+"""
+
+
+def test_make_submit_uploads_the_submission_with_the_blends_figures(tmp_path):
+    """`make submit` as a user runs it after `make demo`: the files dvc.yaml's stages write (the blend's validation
+    figures in metrics/blend.json, predict's calibration in metrics/predict.json), the real Makefile and Kaggle
+    client, only the network answered by a fake."""
+    project = tmp_path / "project"
+    (project / "data" / "prepared").mkdir(parents=True)
+    (project / "submissions").mkdir()
+    (project / "metrics").mkdir()
+    shutil.copy(ROOT / "Makefile", project / "Makefile")
+    shutil.copy(ROOT / "params.yaml", project / "params.yaml")
+    shutil.copy(ROOT / "pyproject.toml", project / "pyproject.toml")
+    os.utime(project / "pyproject.toml", (0, 0))  # older than the venv's install stamp: make installs nothing
+    (project / "data" / "prepared" / "sample_submission.csv").write_text("id,label\n1,0.5\n2,0.5\n3,0.5\n")
+    (project / "submissions" / "submission.csv").write_text("id,label\n1,0.0125\n2,0.9875\n3,0.5\n")
+    (project / "metrics" / "blend.json").write_text(json.dumps(BLEND))
+    (project / "metrics" / "predict.json").write_text(json.dumps(PREDICT))
+    git = lambda *a: subprocess.run(["git", *a], cwd=project, check=True, capture_output=True, text=True)  # noqa: E731
+    git("init", "-q")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "x")
+    commit = git("rev-parse", "--short", "HEAD").stdout.strip()
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(SITECUSTOMIZE.format(root=str(ROOT)))
+    env = {
+        **tool_env(), "PYTHONPATH": str(tmp_path / "site"), "FAKE_KAGGLE_LOG": str(tmp_path / "sent.jsonl"),
+        "KAGGLE_API_TOKEN": "fake-token", "HOME": str(tmp_path / "home"), "KAGGLE_CONFIG_DIR": str(tmp_path / "kg"),
+    }  # fmt: skip
+    make = ["make", "--no-print-directory", "submit", f"VENV={BIN.parent}", "MESSAGE=first try"]
+    done = subprocess.run(make, cwd=project, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    sent = [json.loads(line) for line in (tmp_path / "sent.jsonl").read_text().splitlines()]
+    put = next(r for r in sent if r["method"] == "PUT")
+    assert put["body"] == (project / "submissions" / "submission.csv").read_text()
+    create = json.loads(next(r for r in sent if "CreateSubmission" in r["url"])["body"])
+    expected = f"{commit} lite0+lite1 valid acc=0.9123 logloss=0.2567 T=1.234 clip=0.0125 tta first try"
+    assert create["submissionDescription"] == expected
+    assert "Successfully submitted" in done.stderr
+
+    (project / "metrics" / "blend.json").unlink()  # a project whose pipeline has not run: what to do, no upload
+    (tmp_path / "sent.jsonl").unlink()
+    done = subprocess.run(make, cwd=project, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0 and "metrics/blend.json not found: make the submission first" in done.stderr
+    assert not (tmp_path / "sent.jsonl").exists()

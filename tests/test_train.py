@@ -2,6 +2,7 @@
 the very same weights, torch.compile trains what eager does, the best epoch is kept, and weights that do not load
 end the stage with what to do. The feature cache train reads is tested in tests/test_features.py."""
 
+import dataclasses
 import json
 import os
 import re
@@ -15,6 +16,37 @@ import torch
 from pipeline.model import build_model
 from pipeline.train import set_train_mode
 from tests.conftest import ROOT, features, features_cmd, run_train, train_cmd, weights, write_params
+
+
+def test_an_epoch_on_images_draws_epoch_images_of_them_anew_each_epoch(prepared):
+    from pipeline.params.train import load_member
+    from pipeline.train import make_loaders
+
+    p = dataclasses.replace(load_member(None, ROOT / "params.yaml"), epoch_images=20, batch_size=8, workers=0)
+    pre = {"image_size": 32, "resize_size": 36, "interpolation": "bilinear", "mean": (0.5,) * 3, "std": (0.5,) * 3}
+    loader, valid = make_loaders(prepared, None, p, pre, torch.device("cpu"), torch.Generator().manual_seed(0))
+    assert len(loader.dataset) == 72 and len(valid.dataset) == 8
+    first, second = (list(loader.sampler) for _ in range(2))
+    assert len(first) == len(set(first)) == 20 and first != second and len(loader) == 2  # drop_last: 16 of 20
+    whole, _ = make_loaders(prepared, None, dataclasses.replace(p, epoch_images=0), pre, torch.device("cpu"),
+                            torch.Generator().manual_seed(0))  # fmt: skip
+    assert sorted(whole.sampler) == list(range(72))
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "auto"])
+def test_precision_resolves_per_device_and_trains(prepared, tmp_path, precision):
+    """bf16 autocast where asked (auto: on CUDA and CPUs with AVX512_BF16 or AMX); training runs either way, also
+    where bf16 is emulated (AVX2 CPUs), and the saved weights are float32."""
+    from pipeline.model import native_bf16, use_bf16
+
+    cpu = torch.device("cpu")
+    expected = {"fp32": False, "bf16": True, "auto": native_bf16()}[precision]
+    assert use_bf16(precision, cpu) is expected and use_bf16("auto", torch.device("cuda")) is True
+    params = write_params(tmp_path / "params.yaml", finetune="all", epochs=1, precision=precision, feature_cache=False)
+    log = run_train(tmp_path / "run", prepared, params)
+    assert ("bf16 autocast" in log) is expected
+    saved = weights(tmp_path / "run" / "model.pt").values()
+    assert all(t.dtype == torch.float32 for t in saved if t.is_floating_point())
 
 
 def test_frozen_layers_stay_in_eval_mode():

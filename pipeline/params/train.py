@@ -23,6 +23,7 @@ class TrainParams:
     head_epochs: int  # fastai's fine_tune: with finetune all, first this many epochs train only the head
     head_lr: float  # ... at this peak lr (on cached activations when feature_cache)
     epochs: int  # passes over the training images (or their cached activations) with `finetune`
+    epoch_images: int  # an epoch on images draws at most this many of them (a new draw each epoch); 0: all
     batch_size: int  # images per optimiser step (CUDA: the largest that fits)
     lr: float  # peak learning rate of the one-cycle schedule (head, or the dense block)
     body_lr_factor: float  # finetune: all -> the pretrained body trains at lr * this (discriminative lrs)
@@ -35,6 +36,8 @@ class TrainParams:
     device: Literal["auto", "cpu", "cuda"]  # auto: CUDA when available, else CPU
     feature_cache: bool  # head/dense without augment: train on the frozen layers' cached activations
     compile: bool  # torch.compile the network (CUDA: worth it for long runs; minutes of warm-up)
+    precision: Literal["auto", "fp32", "bf16"]  # features and training; auto: bf16 on CUDA and on CPUs with native
+    # bf16 (AVX512_BF16 or AMX), else fp32. evaluate, export and predict always compute in fp32 on CPU
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,210 @@
+"""Where the time, memory and disk go as the photos grow: `make offline` on 4,000, 10,000 and 22,500 photos.
+
+`python bench/scale.py` (default: ../shared/data/real-kaggle-22k, all three sizes; `--sizes 4000` for one). For
+each size, a kit in Kaggle's layout is cut from the 22k kit (cats and dogs in equal numbers, train and test in
+the kit's own 20,000 : 2,500 proportion, the test labels beside it), this repository's HEAD is cloned into a
+temporary folder and `make offline ZIP=<kit>` runs there with this checkout's venv (nothing installed). Measured:
+each stage's wall time (DVC's "Running stage" lines), its peak RSS (the stage's process and its DataLoader
+workers, summed, sampled every second: shared pages count once per process, so an upper bound), the workspace and
+DVC cache on disk afterwards (the venv aside), and the submission scored once against the kit's test labels.
+Writes bench/results/scale.json (with the CPU and its instruction set) and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import zipfile
+from pathlib import Path
+
+import pandas as pd
+import psutil
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+sys.path.insert(0, str(ROOT))
+
+from offline_real import cpu, score_submission, timings  # noqa: E402
+
+from pipeline.model import cpu_flags  # noqa: E402
+
+KIT = ROOT.parent / "shared" / "data" / "real-kaggle-22k"
+ZIP_NAME = "dogs-vs-cats-redux-kernels-edition.zip"
+PHOTO = re.compile(r"(?:.*/)?(cat|dog)\.(\d+)\.jpg$")
+
+
+def cut_kit(source: Path, labels: Path, photos: int, dest: Path) -> tuple[Path, Path]:
+    """A competition zip of `photos` photos cut from `source` (the same train : test proportion, half cats and half
+    dogs in train, the first test ids), and its test labels; `source` itself when it has that many."""
+    with zipfile.ZipFile(source) as outer, outer.open("train.zip") as f, zipfile.ZipFile(f) as train:
+        names = [n for n in train.namelist() if PHOTO.match(n)]
+        n_test = len(pd.read_csv(labels))
+        if photos >= len(names) + n_test:
+            return source, labels
+        per_class = round(photos * len(names) / (len(names) + n_test) / 2)
+        keep_test = photos - 2 * per_class
+        by_class = {"cat": [], "dog": []}
+        for n in sorted(names, key=lambda n: int(PHOTO.match(n)[2])):
+            by_class[PHOTO.match(n)[1]].append(n)
+        dest.mkdir(parents=True, exist_ok=True)
+        kit = dest / ZIP_NAME
+        with zipfile.ZipFile(kit, "w", zipfile.ZIP_STORED) as out:
+            out.writestr("train.zip", inner_zip(train, by_class["cat"][:per_class] + by_class["dog"][:per_class]))
+            with outer.open("test.zip") as g, zipfile.ZipFile(g) as test:
+                ids = sorted(int(Path(n).stem) for n in test.namelist() if n.endswith(".jpg"))[:keep_test]
+                out.writestr("test.zip", inner_zip(test, [f"test/{i}.jpg" for i in ids]))
+            out.writestr("sample_submission.csv", "id,label\n" + "".join(f"{i},0.5\n" for i in ids))
+    truth = pd.read_csv(labels)
+    truth[truth["id"].isin(ids)].to_csv(dest / "test_labels.csv", index=False)
+    return kit, dest / "test_labels.csv"
+
+
+def inner_zip(source: zipfile.ZipFile, names: list[str]) -> bytes:
+    path = Path(tempfile.mkstemp(suffix=".zip")[1])
+    try:
+        with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as out:
+            for n in names:
+                out.writestr(n, source.read(n))
+        return path.read_bytes()
+    finally:
+        path.unlink()
+
+
+class PeakRss(threading.Thread):
+    """Samples, every second, the RSS of each pipeline stage under `pid` (`python -m pipeline.<stage>` and its
+    children, summed); `peaks` maps the stage's command (module and member) to its highest sum, in bytes."""
+
+    def __init__(self, pid: int):
+        super().__init__(daemon=True)
+        self.root, self.peaks, self.done = psutil.Process(pid), {}, threading.Event()
+
+    def run(self) -> None:
+        while not self.done.wait(1.0):
+            try:
+                procs = self.root.children(recursive=True)
+            except psutil.NoSuchProcess:
+                return
+            for proc in procs:
+                try:
+                    cmd = proc.cmdline()
+                    if "-m" not in cmd or not cmd[cmd.index("-m") + 1].startswith("pipeline."):
+                        continue
+                    stage = cmd[cmd.index("-m") + 1].removeprefix("pipeline.")
+                    if "--member" in cmd:
+                        stage += f"@{cmd[cmd.index('--member') + 1]}"
+                    rss = proc.memory_info().rss + sum(c.memory_info().rss for c in proc.children(recursive=True))
+                except (psutil.NoSuchProcess, psutil.AccessDenied, ValueError, IndexError):
+                    continue
+                self.peaks[stage] = max(self.peaks.get(stage, 0), rss)
+
+
+def du(path: Path, skip: tuple[str, ...] = ()) -> int:
+    """Bytes of the files under `path` (hard links once), leaving out the top-level names in `skip`."""
+    seen, total = set(), 0
+    for top in path.iterdir():
+        if top.name in skip:
+            continue
+        for f in [top] if top.is_file() else top.rglob("*"):
+            if f.is_file() and not f.is_symlink():
+                st = f.stat()
+                if (st.st_dev, st.st_ino) not in seen:
+                    seen.add((st.st_dev, st.st_ino))
+                    total += st.st_blocks * 512
+    return total
+
+
+def run_make(project: Path, kit: Path, venv: Path, extra: list[str], log_path: Path) -> dict[str, int]:
+    """`make offline ZIP=kit` in `project` with `venv`, timestamped into `log_path`; the stages' peak RSS."""
+    env = {**os.environ, "PATH": f"{venv / 'bin'}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
+    cmd = ["make", "offline", f"ZIP={kit}", f"VENV={venv}", *extra]
+    t0 = time.perf_counter()
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        sampler = PeakRss(proc.pid)
+        sampler.start()
+        for line in proc.stdout:
+            log.write(f"{time.perf_counter() - t0:8.1f} {line}")
+            log.flush()
+        rc = proc.wait()
+        sampler.done.set()
+        log.write(f"{time.perf_counter() - t0:8.1f} (exit {rc})\n")
+    if rc != 0:
+        raise SystemExit(f"make offline failed (rc {rc}); see {log_path}")
+    return sampler.peaks
+
+
+def one_size(photos: int, args, work: Path) -> dict:
+    kit, labels = cut_kit(args.kit / ZIP_NAME, args.kit / "test_labels.csv", photos, work / f"kit-{photos}")
+    project = work / f"project-{photos}"
+    subprocess.run(["git", "clone", "--quiet", str(ROOT), str(project)], check=True)
+    # this checkout's venv, as installed: make's stamps stay newer than the clone's pyproject.toml
+    os.utime(project / "pyproject.toml", (0, 0))
+    (args.venv / ".offline").touch()
+    log_path = work / f"offline-{photos}.log"
+    print(f"{photos} photos: make offline in {project} (log: {log_path})", flush=True)
+    peaks = run_make(project, kit, args.venv, args.make_args, log_path)
+    total, stages = timings(log_path)
+    blend = json.loads((project / "metrics" / "blend.json").read_text())
+    result = {
+        "photos": photos,
+        "zip_bytes": kit.stat().st_size,
+        "seconds": round(total, 1),
+        "stage_seconds": stages,
+        "stage_peak_rss_bytes": peaks,
+        "workspace_bytes": du(project, skip=(".dvc", ".venv", ".git")),
+        "dvc_cache_bytes": du(project / ".dvc" / "cache") if (project / ".dvc" / "cache").exists() else 0,
+        "valid": {k: blend[k] for k in ("n", "accuracy", "log_loss", "log_loss_calibrated")},
+        "test": {"n": len(pd.read_csv(labels)), **score_submission(project / "submissions" / "submission.csv",
+                                                                  pd.read_csv(labels))},  # fmt: skip
+    }
+    result["disk_vs_zip"] = (result["workspace_bytes"] + result["dvc_cache_bytes"]) / result["zip_bytes"]
+    if not args.keep:
+        shutil.rmtree(project)
+    return result
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--kit", type=Path, default=KIT, help="a folder with the competition zip and test_labels.csv")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[4000, 10000, 22500], help="photos, train + test")
+    parser.add_argument("--venv", type=Path, default=ROOT / ".venv", help="a venv with the project installed")
+    parser.add_argument("--make-args", nargs="*", default=[], help="more make variables, e.g. OFFLINE_VALID=1000")
+    parser.add_argument("--work", type=Path, help="where the kits and clones go (default: a temporary folder)")
+    parser.add_argument("--keep", action="store_true", help="keep each clone (several GB at 22,500 photos)")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "scale.json")
+    args = parser.parse_args(argv)
+    for need in (args.kit / ZIP_NAME, args.kit / "test_labels.csv"):
+        if not need.exists():
+            raise SystemExit(f"{need} not found: pass --kit, the folder of the shared real-kaggle-22k set")
+    if not (args.venv / ".installed").exists():
+        raise SystemExit(f"{args.venv} has no installed project: run 'make install' first, or pass --venv")
+    work = args.work or Path(tempfile.mkdtemp(prefix="scale-"))
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    results = {"cpu": {**cpu(), "flags": list(cpu_flags())}, "commit": commit.stdout.strip(),
+               "make_args": args.make_args, "runs": []}  # fmt: skip
+    if args.out.exists():  # other sizes measured earlier by the same commit are kept
+        earlier = json.loads(args.out.read_text())
+        if earlier.get("commit") == results["commit"] and earlier.get("make_args") == args.make_args:
+            results["runs"] = [r for r in earlier["runs"] if r["photos"] not in args.sizes]
+    for photos in args.sizes:
+        results["runs"].append(one_size(photos, args, work))
+        results["runs"].sort(key=lambda r: r["photos"])
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=2) + "\n")
+    for r in results["runs"]:
+        peak = max(r["stage_peak_rss_bytes"].values(), default=0) / 2**30
+        test = f"test {r['test']['accuracy']:.4f} / {r['test']['log_loss']:.4f}"
+        print(f"{r['photos']:6d} photos: {r['seconds'] / 60:5.1f} min, peak RSS {peak:.1f} GiB, disk "
+              f"{r['disk_vs_zip']:.1f}x the zip, {test}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,103 @@
+"""From the ONNX model's softmax to the P(dog) the submission holds: TTA, temperature and clip, in one place.
+
+Not a stage: `predict` (the submission), `package` (which stores this contract with the served model) and
+`serving/service.py` (which applies it) import it, so the service's probability is the submission's by
+construction. `Calibration.chosen` reads what `evaluate` or `blend` fitted on validation; `Calibration.p_dog`
+applies it to logits; `model_logits` runs a model, with flip TTA, to the logit that calibration scales. numpy
+only (no torch, no scipy): the bento ships it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+
+class CalibrationError(ValueError):
+    """The calibration record is missing or unusable; the message says what to run."""
+
+
+def sigmoid(z: np.ndarray) -> np.ndarray:
+    """1 / (1 + exp(-z)) in float64, without overflow for large |z|."""
+    z = np.asarray(z, dtype=np.float64)
+    e = np.exp(-np.abs(z))
+    return np.where(z >= 0, 1 / (1 + e), e / (1 + e))
+
+
+def logit_difference(probs: np.ndarray, dog: int) -> np.ndarray:
+    """z_dog - z_cat from the softmax output (N, 2), as float64: for two classes softmax(logits / T) depends only on
+    it, so the ONNX model's probabilities are enough to scale a temperature (and to blend members)."""
+    p = np.maximum(probs.astype(np.float64), np.finfo(np.float32).tiny)  # a P that underflowed to 0
+    return np.log(p[:, dog]) - np.log(p[:, 1 - dog])
+
+
+def model_logits(session, meta: dict, x: np.ndarray, tta: bool) -> np.ndarray:
+    """z_dog - z_cat (float64) for a batch x (N, 3, H, W) on an ONNX Runtime session; with `tta`, the mean of the
+    image's and its mirror's (as evaluate computes the validation set's, so the calibration fitted there fits)."""
+    if tta:
+        x = np.concatenate([x, x[..., ::-1]])  # one call: the mirrors fill the same batch
+    probs = session.run([meta["output_name"]], {meta["input_name"]: np.ascontiguousarray(x, dtype=np.float32)})[0]
+    z = logit_difference(probs, meta["classes"].index("dogs"))
+    return (z[: len(z) // 2] + z[len(z) // 2 :]) / 2 if tta else z
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """How a logit becomes the submitted P(dog): flip TTA or not (fixed before the calibration was fitted, since it
+    was fitted on TTA'd logits), a temperature (None: none) and a clip to [clip, 1 - clip]."""
+
+    tta: bool
+    temperature: float | None
+    clip: float
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.clip < 0.5:
+            raise CalibrationError(f"clip {self.clip} is outside [0, 0.5): P(dog) would be clipped to an empty range")
+        if self.temperature is not None and not self.temperature > 0:
+            raise CalibrationError(f"temperature {self.temperature} is not positive: run 'dvc repro' again")
+
+    @classmethod
+    def chosen(cls, setting: str | float, tta: bool, metrics: Path) -> Calibration:
+        """predict.clip's calibration: a number is that fixed clip alone; "evaluate" is what evaluate (or blend, for
+        the blend) chose on validation, as `metrics` records it: its temperature and the clip searched on top of
+        it when the temperature beat the clip alone there, else the clip."""
+        if setting != "evaluate":
+            return cls(tta=tta, temperature=None, clip=float(setting))
+        if not metrics.exists():
+            raise CalibrationError(f"{metrics} not found: run 'dvc repro', or set predict.clip to a number")
+        record = json.loads(metrics.read_text())
+        try:
+            if record.get("calibration") == "temperature":
+                return cls(tta=tta, temperature=float(record["temperature"]), clip=float(record["temperature_clip"]))
+            return cls(tta=tta, temperature=None, clip=float(record["clip"]))
+        except KeyError as e:
+            raise CalibrationError(f"{metrics} lacks {e} (not written by evaluate or blend): run 'dvc repro'") from e
+
+    @classmethod
+    def from_dict(cls, record: dict) -> Calibration:
+        """Read back `as_dict` (the model store's metadata)."""
+        try:
+            return cls(tta=bool(record["tta"]), temperature=record.get("temperature"), clip=float(record["clip"]))
+        except (KeyError, TypeError) as e:
+            raise CalibrationError(f"calibration record {record!r} lacks {e}: run 'dvc repro package' again") from e
+
+    def as_dict(self) -> dict:
+        """A JSON-able record; no temperature is no key (BentoML's metadata refuses null)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+    def describe(self) -> str:
+        t = "no temperature" if self.temperature is None else f"temperature {self.temperature:.3f}"
+        return f"{'flip TTA' if self.tta else 'no TTA'}, {t}, clip {self.clip:.4f}"
+
+    def p_dog(self, z: np.ndarray) -> np.ndarray:
+        """P(dog) (float64) from logits z_dog - z_cat: scaled by the temperature, then clipped."""
+        p = sigmoid(np.asarray(z, dtype=np.float64) / (self.temperature or 1.0))
+        return np.clip(p, self.clip, 1 - self.clip)
+
+    def predict(self, session, meta: dict, x: np.ndarray) -> np.ndarray:
+        """P(dog) of a batch x (N, 3, H, W) on one model: the service's path, predict's for one member."""
+        return self.p_dog(model_logits(session, meta, x, self.tta))
