@@ -211,3 +211,39 @@ def test_benches_without_their_inputs_say_what_to_provide_in_one_line(repro_proj
         done = run_bench(repro_project, script, *args)
         lines = done.stderr.strip().splitlines()
         assert done.returncode == 1 and len(lines) == 1 and words in lines[0], (script, done.stderr)
+
+
+@pytest.mark.slow
+def test_precision_bench_times_fp32_and_bf16_with_and_without_channels_last(tmp_path):
+    """bench/precision.py, briefly (random weights, 32 px): every variant timed, the ratios against fp32 with
+    channels_last, the CPU's flags named. bf16 runs on any CPU (emulated where it has no native bf16)."""
+    out = tmp_path / "precision.json"
+    small = ["--weights", "none", "--image-size", "32", "--batch-size", "4", "--rounds", "1", "--out", str(out)]
+    ran(subprocess.run([sys.executable, str(ROOT / "bench" / "precision.py"), *small], cwd=ROOT, capture_output=True,
+                       text=True, timeout=600))  # fmt: skip
+    figures = json.loads(out.read_text())
+    assert set(figures["img_s"]) == {"fp32", "fp32_cl", "bf16", "bf16_cl"}
+    assert all(v > 0 for f in figures["img_s"].values() for v in f.values())
+    assert figures["vs_fp32_channels_last"]["fp32_cl"] == {"train": 1.0, "features": 1.0}
+    assert isinstance(figures["cpu_flags"], list) and figures["cpu"]
+
+
+@pytest.mark.slow
+def test_scale_cuts_a_kit_and_measures_make_offline_in_a_clone(demo_zip, tmp_path):
+    """bench/scale.py on a kit of 50 demo photos cut to 44: a clone of HEAD runs `make offline` (EfficientNet-Lite0 on
+    a few photos) with this venv; each stage's time and peak RSS, the disk, and the submission scored on the kit's
+    test labels."""
+    kit = tmp_path / "kit"
+    kit.mkdir()
+    shutil.copy(demo_zip, kit / demo_zip.name)
+    shutil.copy(demo_zip.parent / "demo_test_labels.csv", kit / "test_labels.csv")
+    out = tmp_path / "scale.json"
+    args = ["--kit", str(kit), "--sizes", "44", "--work", str(tmp_path / "work"), "--out", str(out)]
+    args += ["--make-args", "OFFLINE_VALID=3", "OFFLINE_MEMBER='~members' '+members={model:{epochs:1}}'"]
+    ran(subprocess.run([sys.executable, str(ROOT / "bench" / "scale.py"), *args], cwd=ROOT, env=tool_env(),
+                       capture_output=True, text=True, timeout=1200))  # fmt: skip
+    (run,) = json.loads(out.read_text())["runs"]
+    assert run["photos"] == 44 and run["test"]["n"] == 8 and 0 <= run["test"]["accuracy"] <= 1  # 18 + 18 + 8
+    assert {"prepare", "features@model", "train@model", "predict"} <= set(run["stage_seconds"])
+    assert run["stage_peak_rss_bytes"]["train@model"] > 100 * 2**20 and run["dvc_cache_bytes"] > 0
+    assert run["disk_vs_zip"] > 1 and not (tmp_path / "work" / "project-44").exists()  # the clone is removed

@@ -50,6 +50,9 @@ def test_dvc_repro_prepare(tmp_path):
     metrics = json.loads((project / "metrics" / "prepare.json").read_text())
     assert metrics["counts"]["valid"] == {"cat": 10, "dog": 10}
     assert (project / "data" / "raw" / "demo_test_labels.csv").exists()
+    # the photos are on disk once: the workspace's files are links to DVC's cache, not copies of it
+    photo = next((prepared / "train").rglob("*.jpg"))
+    assert photo.stat().st_nlink >= 2, "data/prepared is a copy of the cache: see cache.type in .dvc/config"
 
     # nothing changed: the second run does nothing
     again = dvc(project, "repro", "prepare")
