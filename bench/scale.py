@@ -193,12 +193,12 @@ def main(argv=None) -> None:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
     results = {"cpu": {**cpu(), "flags": list(cpu_flags())}, "commit": commit.stdout.strip(),
                "make_args": args.make_args, "runs": []}  # fmt: skip
-    if args.out.exists():  # other sizes measured earlier by the same commit are kept
+    if args.out.exists():  # other sizes measured earlier with the same make args are kept, each with its commit
         earlier = json.loads(args.out.read_text())
-        if earlier.get("commit") == results["commit"] and earlier.get("make_args") == args.make_args:
+        if earlier.get("make_args") == args.make_args:
             results["runs"] = [r for r in earlier["runs"] if r["photos"] not in args.sizes]
     for photos in args.sizes:
-        results["runs"].append(one_size(photos, args, work))
+        results["runs"].append({"commit": results["commit"], **one_size(photos, args, work)})
         results["runs"].sort(key=lambda r: r["photos"])
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=2) + "\n")
