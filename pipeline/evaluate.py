@@ -1,7 +1,8 @@
-"""Stage `evaluate`: how good is models/model.pt on the validation set, and the best probability clip.
+"""Stage `evaluate`: how good is a member's model on the validation set, and the best probability clip.
 
 `python -m pipeline.evaluate --data data/prepared --model models/model.pt --metrics
-metrics/evaluate.json --plots plots/evaluate` (run by `dvc repro evaluate`).
+metrics/members/model/evaluate.json --plots plots/model/evaluate --predictions predictions/valid/model.csv`
+(run by `dvc repro evaluate@model`, for the member `model`; `--predictions` holds each image's logit for `blend`).
 
 Writes accuracy, log loss and the confusion matrix; the lesson's diagnostics as image grids (the most
 wrong images, "top losses", and the most uncertain ones); and the clip. Kaggle's log loss punishes a

@@ -1,7 +1,7 @@
-"""Stage `export`: models/model.pt -> ONNX, checked against PyTorch before it replaces the previous export.
+"""Stage `export`: a member's model -> ONNX, checked against PyTorch before it replaces the previous export.
 
-`python -m pipeline.export --model models/model.pt --data data/prepared --out models/onnx --metrics
-metrics/export.json` (run by `dvc repro export`).
+`python -m pipeline.export --model models/model.pt --data data/prepared --out models/onnx/model --metrics
+metrics/members/model/export.json` (run by `dvc repro export@model`, for the member `model`).
 
 The graph is the model plus a softmax: input `image` float32 (N, 3, H, W) NCHW, normalised as
 `pipeline.data.preprocess` does, with a dynamic batch axis; output `probs` (N, 2), P(cat), P(dog). The
@@ -14,10 +14,10 @@ validation images to `export.tolerance`. A failed check stops the stage with the
 
 `export.variants` adds faster copies of the model beside it, each scored against it on the validation
 set (`pipeline.variants`). A variant worse than the bounds allow is refused, not kept: its figures and the
-reason go to `metrics/export.json` and `variants.json` in the folder, and the stage's last log line says so;
-the pipeline goes on with fp32 (`export.strict: true` fails the stage instead). A failed export removes
-its temporary folder (`export.keep_failed: true` keeps it to inspect). predict and the service choose a
-variant by param.
+reason go to `metrics/members/<member>/export.json` and `variants.json` in the folder, and the stage's last
+log line says so; the pipeline goes on with fp32 (`export.strict: true` fails the stage instead). A failed
+export removes its temporary folder (`export.keep_failed: true` keeps it to inspect). predict and the service
+choose a variant by param.
 """
 
 from __future__ import annotations
@@ -139,7 +139,7 @@ def check_export(onnx_dir: Path, model: nn.Module, images: list, expected: dict[
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description="Export the model to ONNX and check it.")
-    parser.add_argument("--model", type=Path, required=True, help="models/model.pt")
+    parser.add_argument("--model", type=Path, required=True, help="models/<member>.pt")
     parser.add_argument("--data", type=Path, required=True, help="data/prepared: its valid/ images check parity")
     parser.add_argument("--out", type=Path, required=True, help="the ONNX folder")
     parser.add_argument("--metrics", type=Path, required=True)

@@ -1,15 +1,17 @@
 """Stage `features`: the frozen part of the network run once per image, cached for training the rest.
 
-`python -m pipeline.features --data data/prepared --out data/features` (run by `dvc repro features`).
+`python -m pipeline.features --member model --data data/prepared --out data/features/model` (run by
+`dvc repro features@model`; one stage per member of params.yaml's `members`, here `model`).
 
 With `train.finetune: head` (or `dense`) and no augmentation, every epoch would push each image through
 the same frozen layers again: on 2 CPU cores that is ~97% of an epoch's time. This stage computes those
 activations once (the course's lesson 2 approach) and writes them as memory-mapped arrays:
 
-    data/features/train.npy, valid.npy   float32 (N, D): the head's input (VGG16: fc7, D=4096; EfficientNet-Lite0:
-                                         pooled, D=1280) for `head`, the dense block's (VGG16: pool5, 25088) for `dense`
-    data/features/train_labels.npy, ...  int64 (N,)
-    data/features/meta.json              the cache key, the cut point, the shapes
+    data/features/<member>/train.npy, valid.npy   float32 (N, D): the head's input (VGG16: fc7, D=4096;
+                                                  EfficientNet-Lite0: pooled, D=1280) for `head`, the dense
+                                                  block's (VGG16: pool5, 25088) for `dense`
+    data/features/<member>/train_labels.npy, ...  int64 (N,)
+    data/features/<member>/meta.json              the cache key, the cut point, the shapes
 
 `train` then trains only the trainable layers on them; the result equals the uncached path's within
 float tolerance (tested). The stage depends only on the params that change the activations (weights,
@@ -154,7 +156,7 @@ def load_cache(features: Path, p: TrainParams, data: Path) -> dict | None:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description="Cache the frozen layers' activations.")
     parser.add_argument("--data", type=Path, required=True, help="data/prepared")
-    parser.add_argument("--out", type=Path, required=True, help="data/features")
+    parser.add_argument("--out", type=Path, required=True, help="data/features/<member>")
     parser.add_argument("--member", help="params.yaml members.<name>: its overrides of train (none: train alone)")
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args(argv)

@@ -1,7 +1,8 @@
 """Stage `lr_find`: the 2019 lesson's learning-rate finder, on the cached activations (or the images).
 
-`python -m pipeline.lr_find --data data/prepared --features data/features --out plots/lr_find
---metrics metrics/lr_find.json` (run by `dvc repro lr_find`; `dvc plots show` draws loss vs lr).
+`python -m pipeline.lr_find --member model --data data/prepared --features data/features/model --out
+plots/model/lr_find --metrics metrics/lr_find/model.json` (run by `dvc repro lr_find@model`, for the member
+`model`; `dvc plots show` draws loss vs lr).
 
 Leslie Smith's range test as fastai's `lr_find` runs it: from the model `train` starts from, one mini-batch
 per step with the learning rate growing exponentially from `start_lr` to `end_lr` over `steps` steps (AdamW,
@@ -93,7 +94,7 @@ def valley(curve: list[tuple[float, float]]) -> float:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description="Sweep the learning rate (the lesson's lr_find).")
     parser.add_argument("--data", type=Path, required=True, help="data/prepared")
-    parser.add_argument("--features", type=Path, required=True, help="data/features (stage features)")
+    parser.add_argument("--features", type=Path, required=True, help="data/features/<member> (stage features)")
     parser.add_argument("--out", type=Path, required=True, help="folder for the plot file")
     parser.add_argument("--metrics", type=Path, required=True)
     parser.add_argument("--member", help="params.yaml members.<name>: its overrides of train (none: train alone)")

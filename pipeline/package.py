@@ -7,11 +7,11 @@ member with the lowest calibrated validation log loss in metrics/blend.json; its
 folders. The service serves one model: a blend of several would multiply its latency on a CPU.
 
 The store is `$BENTOML_HOME/models` (default `~/bentoml`); afterwards
-`bentoml models list` shows `dogs-vs-cats:<version>`, where the version is a hash of the ONNX files,
-so one model version is one pipeline output. The model's metadata carries the validation and export
-metrics, the training params, the ONNX contract and the calibration and TTA that `predict` applies
-(`pipeline.calibration`); the service applies them and its page shows them, so a served P(dog) is the
-submission's.
+`bentoml models list` shows `dogs-vs-cats:<version>`, where the version is a hash of the ONNX files and
+of the metadata below, so one model version is one pipeline output served one way. The model's metadata
+carries the validation and export metrics, the training params, the ONNX contract, the calibration and TTA
+that `predict` applies (`pipeline.calibration`) and the members the submission blends; the service applies
+them and its page shows them, so a served P(dog) is the submission's when the submission is this model alone.
 `--out` records the tag and the store for DVC (the store itself lives outside the repo).
 """
 
@@ -44,14 +44,16 @@ log = logging.getLogger("package")
 METRIC_FILES = ("evaluate", "export")
 
 
-def content_version(onnx_dir: Path, names: list[str] | None = None) -> str:
-    """A hash of every file of the ONNX folder (or of those `names` in it): the same model, the same version."""
+def content_version(onnx_dir: Path, metadata: dict, names: list[str] | None = None) -> str:
+    """A hash of every file of the ONNX folder (or of those `names` in it) and of the metadata the service applies
+    (calibration, TTA, metrics): the same model served the same way, the same version; a new calibration, a new one."""
     h = hashlib.sha256()
     for path in sorted(onnx_dir.iterdir()) if names is None else [onnx_dir / n for n in sorted(names)]:
         h.update(path.name.encode())
         with open(path, "rb") as f:
             while chunk := f.read(1 << 24):
                 h.update(chunk)
+    h.update(json.dumps(metadata, sort_keys=True).encode())
     return h.hexdigest()[:16]
 
 
@@ -64,14 +66,15 @@ def without_none(value):
     return value
 
 
-def model_metadata(onnx_dir: Path, metrics_dir: Path, train: TrainParams, calibration: Calibration, predict_variant: str
-                   ) -> dict:  # fmt: skip
+def model_metadata(onnx_dir: Path, metrics_dir: Path, train: TrainParams, calibration: Calibration,
+                   predict_variant: str, submission_members: list[str]) -> dict:  # fmt: skip
     """What the service applies and shows about the model: the calibration and TTA the submission applies, metrics,
-    params, the ONNX contract."""
+    params, the ONNX contract, and the members the submission blends (this model alone, or more)."""
     meta = {
         "onnx": {k: list(v) if isinstance(v, tuple) else v for k, v in read_metadata(onnx_dir).items()},
         "calibration": calibration.as_dict(),  # read back by serving/service.py with Calibration.from_dict
         "predict_variant": predict_variant,  # the variant setting the submission was made with (/info compares)
+        "submission_members": submission_members,  # /info: the submission's P is this model's only if it is alone
     }
     for name in METRIC_FILES:
         path = metrics_dir / f"{name}.json"
@@ -86,14 +89,15 @@ def is_complete(model: bentoml.Model, version: str) -> bool:
     names = list(model.info.metadata.get("files", {}))
     if not names or not all((Path(model.path) / n).is_file() for n in names):
         return False
-    return content_version(Path(model.path), names) == version
+    metadata = {k: v for k, v in model.info.metadata.items() if k != "files"}
+    return content_version(Path(model.path), metadata, names) == version
 
 
 def import_model(onnx_dir: Path, name: str, metadata: dict, labels: dict) -> bentoml.Model:
     """Copy the ONNX folder into the store as `name:<content hash>`. A complete copy already there is kept
     (nothing deleted); an incomplete one (a killed import: BentoML copies its staging folder into the store
     file by file) is replaced. The new copy is checked before the stage succeeds."""
-    version = content_version(onnx_dir)
+    version = content_version(onnx_dir, metadata)
     tag = f"{name}:{version}"
     try:
         existing = bentoml.models.get(tag)
@@ -146,12 +150,20 @@ def choose_member(setting: str, blend: Path) -> str:
     return setting
 
 
+def submission_members(member: str | None, blend: Path | None) -> list[str]:
+    """The members whose models the submission blends (a weight above zero); without a blend, this model alone."""
+    if blend is None:
+        return [member or "model"]
+    weights = json.loads(blend.read_text()).get("weights") or {}
+    return [name for name, weight in weights.items() if weight > 0]
+
+
 def served_calibration(predict: PredictParams, metrics_dir: Path, member: str | None, blend: Path | None
                        ) -> Calibration:  # fmt: skip
     """The calibration predict applies to this model's logits: the blend's when the blend is this member alone
     (then the service's P is the submission's), else the member's own from its evaluate.json."""
     source = metrics_dir / "evaluate.json"
-    if blend is not None and json.loads(blend.read_text()).get("weights") == {member: 1.0}:
+    if blend is not None and submission_members(member, blend) == [member]:
         source = blend
     try:
         return Calibration.chosen(predict.clip, predict.tta, source)
@@ -191,7 +203,8 @@ def main(argv=None) -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         own_staging(p.model_name)
-        metadata = model_metadata(args.onnx, args.metrics, train, calibration, predict.variant)
+        alone = submission_members(member, args.blend)
+        metadata = model_metadata(args.onnx, args.metrics, train, calibration, predict.variant, alone)
         model = import_model(args.onnx, p.model_name, metadata, labels)
     except OSError as e:  # BENTOML_HOME cannot be created or written
         raise SystemExit(

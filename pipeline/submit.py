@@ -60,9 +60,18 @@ def submission_message(commit: str, blend: dict, predict: dict, note: str | None
     """One line for the leaderboard: commit, members, the blend's validation accuracy and calibrated log loss, and
     the calibration predict applied (temperature, clip, TTA)."""
     temperature = f"T={predict['temperature']:.3f} " if predict.get("temperature") is not None else ""
+    chosen = (blend.get("temperature"), blend.get("temperature_clip"))
+    if blend.get("calibration") != "temperature":
+        chosen = (None, blend.get("clip"))
+    # the blend's calibrated loss describes the submission only when predict applied the blend's calibration
+    same = lambda a, b: a == b or (a is not None and b is not None and abs(a - b) < 1e-6)  # noqa: E731
+    if same(predict.get("temperature"), chosen[0]) and same(predict["clip"], chosen[1]):
+        loss = f"logloss={blend['log_loss_calibrated']:.4f}"
+    else:
+        loss = f"logloss={blend['log_loss']:.4f} (uncalibrated)"
+    members = "+".join(name for name, weight in blend["weights"].items() if weight > 0)
     text = (
-        f"{commit} {'+'.join(blend['weights'])} valid acc={blend['accuracy']:.4f} "
-        f"logloss={blend['log_loss_calibrated']:.4f} {temperature}clip={predict['clip']:.4f}"
+        f"{commit} {members} valid acc={blend['accuracy']:.4f} {loss} {temperature}clip={predict['clip']:.4f}"
         f"{' tta' if predict.get('tta') else ''}"
     )
     return f"{text} {note}" if note else text

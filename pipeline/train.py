@@ -1,7 +1,8 @@
 """Stage `train`: fine-tune an ImageNet model on data/prepared, the fast.ai lesson-1 way.
 
-`python -m pipeline.train --data data/prepared --model models/model.pt --checkpoint
-models/train-checkpoint.pt --live dvclive` (run by `dvc repro train`).
+`python -m pipeline.train --member model --data data/prepared --features data/features/model --model
+models/model.pt --checkpoint models/model.checkpoint.pt --live dvclive/model` (run by `dvc repro train@model`,
+for the member `model`).
 
 `train.arch` is any torchvision or timm model (pipeline/model.py); `train.finetune` picks what trains:
 `head` (the lesson: only the new 2-way layer), `dense` (the arch's dense block: VGG16's fc6-fc8) or `all`
@@ -16,9 +17,9 @@ parameters for VGG16's `head`, not its 537 MB) with the optimizer, schedule and 
 layers are rebuilt from `train.weights` and the seed. An interrupted run (Ctrl-C, kill) resumes from
 it on the next `dvc repro`, if the params and the prepared data are unchanged, and ends with the same
 bytes as an uninterrupted run (a checkpoint left by a run DVC never resumes: pipeline/tidy.py). The final
-`models/model.pt` holds the weights and everything needed to rebuild the model (arch, classes,
+`models/<member>.pt` holds the weights and everything needed to rebuild the model (arch, classes,
 preprocessing, params), so export, predict and serving need nothing else.
-Metrics per epoch go through DVCLive (`dvclive/`); `dvc plots show` draws the learning curves.
+Metrics per epoch go through DVCLive (`dvclive/<member>/`); `dvc plots show` draws the learning curves.
 """
 
 from __future__ import annotations
@@ -283,7 +284,7 @@ class Run:
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Fine-tune an ImageNet model.")
     parser.add_argument("--data", type=Path, required=True, help="data/prepared")
-    parser.add_argument("--features", type=Path, required=True, help="data/features (stage features)")
+    parser.add_argument("--features", type=Path, required=True, help="data/features/<member> (stage features)")
     parser.add_argument("--model", type=Path, required=True, help="the final model file")
     parser.add_argument("--checkpoint", type=Path, required=True, help="per-epoch checkpoint, for resuming")
     parser.add_argument("--live", type=Path, required=True, help="DVCLive folder")

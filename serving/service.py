@@ -32,7 +32,7 @@ import aiohttp
 import bentoml
 import numpy as np
 from bentoml._internal.marshal import dispatcher as bentoml_dispatcher
-from bentoml.exceptions import NotFound
+from bentoml.exceptions import BentoMLException, NotFound
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.applications import Starlette
@@ -43,7 +43,7 @@ from starlette.routing import Route
 
 from pipeline.calibration import Calibration, CalibrationError
 from pipeline.config import load_params
-from pipeline.data import ImageError, load_image, open_model, preprocess_as, read_metadata
+from pipeline.data import ImageError, auto_variant, load_image, open_model, preprocess_as, read_metadata
 from pipeline.params.package import PackageParams
 from pipeline.params.serve import ServeParams
 
@@ -88,6 +88,11 @@ def stored_calibration(model) -> Calibration:
         ) from None
     except CalibrationError as e:
         raise SystemExit(f"model {model.tag}: {e}") from None
+
+
+# checked here too, in every process, for the same reason: raised in a worker's __init__, the server would keep
+# restarting it and never answer
+CALIBRATION = stored_calibration(STORED) if STORED is not None else None
 
 
 UPLOAD_FIELDS = {"/classify": "image", "/classify_batch": "images"}  # endpoint -> its multipart field
@@ -346,7 +351,7 @@ class Classifier:
 
     def __init__(self) -> None:
         self.meta = read_metadata(self.model.path)
-        self.calibration = stored_calibration(self.model)
+        self.calibration = CALIBRATION
         # serve.variant auto: fp16 on CUDA, int8 on CPU (speed), when they passed export's check (the store holds
         # the variants export kept)
         self.session, self.provider, self.variant = open_model(
@@ -373,8 +378,9 @@ class Classifier:
         return self.calibration.predict(self.session, self.meta, images)
 
     @bentoml.api
-    def describe(self) -> dict:
-        """The variant and provider this model worker runs (GET /info shows them)."""
+    async def describe(self) -> dict:
+        """The variant and provider this model worker runs (GET /info shows them). Async: it runs on the event
+        loop, not in the thread pool that `predict`'s batches wait for."""
         return {"variant": self.variant, "provider": self.provider}
 
 
@@ -387,7 +393,20 @@ class DogsVsCats:
 
     def __init__(self) -> None:
         self.meta = read_metadata(self.model.path)
-        self.calibration = stored_calibration(self.model)
+        self.calibration = CALIBRATION
+        self.running: dict | None = None  # the model worker's variant and provider, asked once (GET /info)
+
+    async def running_variant(self) -> dict | None:
+        """What the model worker runs: {"variant", "provider"}, asked once and kept (they do not change while it
+        runs); None while it cannot be asked (still loading, or gone), and asked again next time."""
+        if self.running is None:
+            for _ in range(3):  # a dropped pooled connection, as in `infer`
+                try:
+                    self.running = await self.classifier.to_async.describe()
+                    break
+                except (aiohttp.ClientError, BentoMLException) as e:  # dropped; or an error status
+                    log.warning("GET /info: the model service did not answer (%s)", e.__class__.__name__)
+        return self.running
 
     def load(self, upload: Path, name: str) -> np.ndarray:
         """One upload -> a preprocessed (3, H, W) array, or a 4xx error that says what is wrong."""
@@ -466,41 +485,46 @@ async def page(_: Request) -> FileResponse:
 
 async def model_info(_: Request) -> JSONResponse:
     """The served model's tag, its validation metrics and the calibration it applies, from the store's metadata,
-    and the variant the model worker runs, which may differ from the submission's."""
+    the variant the model worker runs, and whether P(dog) is the submission's: the same variant, and a submission
+    made of this model alone."""
     service = bentoml.get_current_service()  # the DogsVsCats instance of this worker
     model = service.model
     meta = model.info.metadata
-    running = await service.classifier.to_async.describe()
-    submission = submission_variant(meta.get("predict_variant", "auto"), running["provider"])
-    same = running["variant"] == submission
-    return JSONResponse(
-        {
-            "name": model.tag.name,
-            "version": model.tag.version,
-            "created": model.info.creation_time.isoformat(),
-            "member": model.info.labels.get("member"),
-            "evaluate": meta.get("evaluate"),  # absent when the package stage found no metrics/evaluate.json
-            "export": meta.get("export"),
-            "calibration": service.calibration.as_dict(),  # applied to every answer, as predict does
-            "variant": running["variant"],
-            "provider": running["provider"],
-            "submission_variant": submission,
-            "same_as_submission": same,
-            "note": "P(dog) is the submission's: same model file, TTA and calibration"
-            if same
-            else f"this service runs {running['variant']}, the submission {submission}: P(dog) differs from the "
-            "submission's within export's check of that variant (export.json); set serve.variant to "
-            f"{submission} for the submission's own",
-        }
-    )
+    member = model.info.labels.get("member")
+    info = {
+        "name": model.tag.name,
+        "version": model.tag.version,
+        "created": model.info.creation_time.isoformat(),
+        "member": member,
+        "evaluate": meta.get("evaluate"),  # the member's own validation figures
+        "export": meta.get("export"),
+        "calibration": service.calibration.as_dict(),  # applied to every answer, as predict does
+        "submission_members": meta.get("submission_members"),
+    }
+    running = await service.running_variant()
+    if running is None:
+        return JSONResponse({**info, "variant": None, "provider": None, "same_as_submission": None,
+                             "note": "the model service is not answering yet: ask again in a moment"})  # fmt: skip
+    submission = submission_variant(meta.get("predict_variant", "auto"), running["provider"], Path(model.path))
+    alone = meta.get("submission_members") == [member or "model"]
+    same = alone and running["variant"] == submission
+    if same:
+        note = "P(dog) is the submission's: same model file, TTA and calibration"
+    elif not alone:
+        note = (f"the submission blends {', '.join(meta.get('submission_members') or [])}; this service runs "
+                f"{member} alone, with its own calibration: P(dog) is that member's, not the submission's")  # fmt: skip
+    else:
+        note = (f"this service runs {running['variant']}, the submission {submission}: P(dog) differs from the "
+                "submission's within export's check of that variant (export.json); set serve.variant to "
+                f"{submission} for the submission's own")  # fmt: skip
+    return JSONResponse({**info, **running, "submission_variant": submission, "same_as_submission": same,
+                         "note": note})  # fmt: skip
 
 
-def submission_variant(setting: str, provider: str) -> str:
+def submission_variant(setting: str, provider: str, model_path: Path) -> str:
     """The model file predict used for the submission, from predict.variant (auto: fp16 on CUDA if export kept it,
     else fp32; never int8): what the same provider gives."""
-    if setting != "auto":
-        return setting
-    return "fp16" if provider == "cuda" and (Path(MODEL.path) / "model.fp16.onnx").is_file() else "fp32"
+    return auto_variant(model_path, provider == "cuda", "fp32") if setting == "auto" else setting
 
 
 # Mounted at "/": BentoML's PassiveMount only claims the paths this app has a route for, so the APIs,

@@ -70,6 +70,38 @@ def test_an_interrupted_import_is_refused_by_the_service_and_replaced_by_the_nex
     assert third.returncode == 0 and "in the store already, complete" in third.stderr  # nothing deleted
 
 
+@pytest.mark.slow
+def test_a_new_calibration_is_a_new_model_version_and_a_model_without_one_is_refused_at_start(tmp_path):
+    onnx_dir = write_tiny_onnx(tmp_path / "onnx")
+    metrics = write_evaluate(tmp_path / "metrics")
+    env = {**tool_env(), "BENTOML_HOME": str(tmp_path / "store")}
+    cmd = [str(BIN / "python"), "-m", "pipeline.package", "--onnx", str(onnx_dir)]
+    cmd += ["--metrics", str(metrics), "--out", str(tmp_path / "record.json")]
+
+    def package() -> tuple[str, dict]:
+        done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        record = json.loads((tmp_path / "record.json").read_text())
+        model_yaml = Path(record["store"]) / Path(*record["tag"].split(":")) / "model.yaml"
+        return record["tag"], model_yaml
+
+    first, _ = package()
+    (metrics / "evaluate.json").write_text(json.dumps({"accuracy": 0.5, "calibration": "clip", "clip": 0.03}))
+    second, model_yaml = package()  # the same ONNX files, another calibration: the service must apply the new one
+    assert second != first and yaml.safe_load(model_yaml.read_text())["metadata"]["calibration"]["clip"] == 0.03
+    assert package()[0] == second  # nothing changed: the same version
+
+    # a model stored without its calibration (by an earlier package): the server exits with the message at once,
+    # instead of restarting a worker whose __init__ fails, for ever
+    stored = yaml.safe_load(model_yaml.read_text())
+    del stored["metadata"]["calibration"]
+    model_yaml.write_text(yaml.safe_dump(stored))
+    serve = [str(BIN / "bentoml"), "serve", "serving.service:DogsVsCats", "--host", "127.0.0.1", "--port", "0"]
+    done = subprocess.run(serve, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and "has no calibration" in done.stdout + done.stderr
+    assert "run 'dvc repro package' again" in done.stdout + done.stderr
+
+
 def test_the_import_is_staged_under_the_store_and_a_killed_runs_leftover_is_removed(tmp_path):
     """BentoML stages an import in tempfile.mkdtemp and removes it only at a normal exit: a killed package left
     600 MB in /tmp for good. It is staged under the store now, where the next package finds and removes it."""

@@ -112,6 +112,13 @@ def test_page_shows_what_the_api_answers(page, served, tmp_path):
     assert record["tag"].split(":")[1] in facts
     assert f"{percent(metrics['accuracy'])} of {metrics['n']} photos" in facts
     assert f"{metrics['log_loss']:.4f}" in facts
+    info = requests.get(served["url"] + "/info", timeout=30).json()
+    calibrated = {"temperature": "log_loss_temperature_clipped", "clip": "log_loss_clipped"}[metrics["calibration"]]
+    assert f"Log loss, calibrated\n{metrics[calibrated]:.4f}" in facts  # the loss of what is applied
+    cal = info["calibration"]  # the applied TTA, temperature and clip, and what runs them
+    assert f"Calibration\nflip TTA, temperature {cal['temperature']:.3f}, clip {cal['clip']:.4f}" in facts
+    assert f"Runs\n{info['variant']} on {info['provider'].upper()}" in facts
+    assert ("Note\n" + info["note"] in facts) != info["same_as_submission"]  # a note when P is not the submission's
 
     page.screenshot(path=tmp_path / "page-desktop.png", full_page=True)
     page.set_viewport_size({"width": 375, "height": 740})

@@ -216,7 +216,7 @@ def test_served_variant_is_what_auto_picks(served):
     assert variant == ("fp32" if provider == "cuda" or not kept_int8 else "int8")
     info = requests.get(served["url"] + "/info", timeout=30).json()
     assert (info["variant"], info["provider"], info["submission_variant"]) == (variant, provider, "fp32")
-    assert info["same_as_submission"] == (variant == "fp32")
+    assert info["same_as_submission"] == (variant == "fp32") and info["submission_members"] == ["model"]
     note = "P(dog) is the submission's" if variant == "fp32" else f"this service runs {variant}, the submission fp32"
     assert info["note"].startswith(note)
 

@@ -20,7 +20,16 @@ from tests.test_fetch import (
 )
 
 COMP = "dogs-vs-cats-redux-kernels-edition"
-BLEND = {"accuracy": 0.9123, "log_loss": 0.31, "log_loss_calibrated": 0.2567, "weights": {"lite0": 0.5, "lite1": 0.5}}
+BLEND = {
+    "accuracy": 0.9123,
+    "log_loss": 0.31,
+    "log_loss_calibrated": 0.2567,
+    "weights": {"lite0": 0.5, "lite1": 0.5, "vgg16": 0.0},  # a member the blend gave no weight is not in the message
+    "calibration": "temperature",
+    "temperature": 1.2345,
+    "temperature_clip": 0.0125,
+    "clip": 0.02,
+}
 PREDICT = {"clip": 0.0125, "temperature": 1.2345, "tta": True, "n": 3}
 
 
@@ -64,8 +73,12 @@ def kaggle(monkeypatch, upload_status=200):
 def test_message_carries_commit_and_metrics():
     msg = submission_message("abc1234-dirty", BLEND, PREDICT, "second try")
     assert msg == "abc1234-dirty lite0+lite1 valid acc=0.9123 logloss=0.2567 T=1.234 clip=0.0125 tta second try"
-    no_temperature = submission_message("abc1234", {**BLEND, "weights": {"model": 1.0}}, {"clip": 0.02, "tta": False})
+    clip_alone = {**BLEND, "weights": {"model": 1.0}, "calibration": "clip"}
+    no_temperature = submission_message("abc1234", clip_alone, {"clip": 0.02, "tta": False})
     assert no_temperature == "abc1234 model valid acc=0.9123 logloss=0.2567 clip=0.0200"
+    # predict.clip fixed to a number: the blend's calibrated loss is not the submission's; its raw loss is named so
+    fixed = submission_message("abc1234", clip_alone, {"clip": 0.05, "tta": False})
+    assert fixed == "abc1234 model valid acc=0.9123 logloss=0.3100 (uncalibrated) clip=0.0500"
 
 
 def test_git_commit_says_dirty(tmp_path):
