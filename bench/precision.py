@@ -52,8 +52,15 @@ def features_step(trunk, x, bf16: bool) -> None:
 
 
 HEAD_RECIPE = dict(  # make offline's model and head phase, alone: the frozen body's features decide it
-    arch="efficientnet_lite0", weights="imagenet", image_size=0, finetune="head", augment=False, epochs=8, lr=0.002,
-    workers=0, feature_cache=True,
+    arch="efficientnet_lite0",
+    weights="imagenet",
+    image_size=0,
+    finetune="head",
+    augment=False,
+    epochs=8,
+    lr=0.002,
+    workers=0,
+    feature_cache=True,
 )
 
 

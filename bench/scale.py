@@ -165,8 +165,10 @@ def one_size(photos: int, args, work: Path) -> dict:
         # both together, a file DVC hard-linked into the workspace counted once
         "disk_bytes": du(project, skip=(".venv", ".git")),
         "valid": {k: blend[k] for k in ("n", "accuracy", "log_loss", "log_loss_calibrated")},
-        "test": {"n": len(pd.read_csv(labels)), **score_submission(project / "submissions" / "submission.csv",
-                                                                  pd.read_csv(labels))},  # fmt: skip
+        "test": {
+            "n": len(pd.read_csv(labels)),
+            **score_submission(project / "submissions" / "submission.csv", pd.read_csv(labels)),
+        },  # fmt: skip
     }
     result["disk_vs_zip"] = result["disk_bytes"] / result["zip_bytes"]
     if not args.keep:

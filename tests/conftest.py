@@ -56,8 +56,13 @@ def tiny_demo(**overrides) -> DemoParams:
 
 def tiny_prepare(**overrides) -> PrepareParams:
     values = dict(
-        seed=1, valid_per_class=5, valid_fraction=0.0, sample_train_per_class=3, sample_valid_per_class=2,
-        max_pixels=1_000_000, workers=1,
+        seed=1,
+        valid_per_class=5,
+        valid_fraction=0.0,
+        sample_train_per_class=3,
+        sample_valid_per_class=2,
+        max_pixels=1_000_000,
+        workers=1,
     )
     return PrepareParams(**{**values, **overrides})
 
