@@ -25,6 +25,13 @@ raw_ort_img_s_by_batch adds batch 1 and `serve.max_batch_size`, and batching_cei
 many threads as the model service has in all). The clients share the machine with the service, as they would in
 any one-box test. `--set KEY=VALUE` overrides a `serve` param for both runs (tuning: e.g. `--set workers=2 --set
 threads=1 --out bench/results/tuning/workers2.json`).
+
+Hostile traffic (issue 24), on the batched service after its measured run, `"hostile": {"made_up_paths":
+{...}, "idle_connections": {...}}`: `--made-up-paths N` (10,000) GETs to random paths, with /metrics' size and
+render time and the API worker's RSS before and after (BentoML labelled every path once: 21 MB after 5,000);
+then `--idle-connections N` (10,000) connections opened and left silent, with the API worker's open files and
+RSS while they are held and once `serve.header_timeout_s` has passed, and one /classify's time while they are
+held (it got no answer at all before the connection bound). 0 skips either.
 """
 
 from __future__ import annotations
@@ -34,10 +41,14 @@ import csv
 import json
 import os
 import re
+import resource
+import socket
 import subprocess
 import sys
 import tempfile
 import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -159,7 +170,121 @@ def drive(url: str, api_pid: int, args, tmp: Path) -> dict:
     }
 
 
-def serve_and_drive(params: dict, home: Path, tmp: Path, label: str, args) -> dict:
+def open_files(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def metrics_size(url: str) -> tuple[int, float]:
+    """(bytes, seconds) of one GET /metrics."""
+    t0 = time.perf_counter()
+    r = requests.get(f"{url}/metrics", timeout=300)
+    r.raise_for_status()
+    return len(r.content), time.perf_counter() - t0
+
+
+def made_up_paths(url: str, api_pid: int, n: int) -> dict:
+    """`n` GETs to random paths (8 clients, keep-alive): /metrics and the API worker before and after."""
+    before, before_s = metrics_size(url)
+    rss0 = proc_status(api_pid, "VmRSS")
+
+    def get(count: int) -> dict:
+        statuses: dict = {}
+        with requests.Session() as session:
+            for _ in range(count):
+                code = session.get(f"{url}/{uuid.uuid4().hex}/{uuid.uuid4().hex[:8]}", timeout=30).status_code
+                statuses[code] = statuses.get(code, 0) + 1
+        return statuses
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(8) as pool:
+        parts = list(pool.map(get, [n // 8 + (i < n % 8) for i in range(8)]))
+    seconds = time.perf_counter() - t0
+    after, after_s = metrics_size(url)
+    statuses = {str(k): sum(p.get(k, 0) for p in parts) for k in sorted({k for p in parts for k in p})}
+    return {
+        "requests": n,
+        "seconds": round(seconds, 1),
+        "statuses": statuses,
+        "metrics_bytes_before": before,
+        "metrics_bytes_after": after,
+        "metrics_render_s_before": round(before_s, 3),
+        "metrics_render_s_after": round(after_s, 3),
+        "api_rss_mb_before": round(rss0 / 2**20),
+        "api_rss_mb_after": round(proc_status(api_pid, "VmRSS") / 2**20),
+    }
+
+
+def timed_classify(url: str, photo: Path) -> dict:
+    """One /classify: its status (or "closed" when the service closed the connection unanswered) and time."""
+    t0 = time.perf_counter()
+    try:
+        status = requests.post(f"{url}/classify", files={"image": (photo.name, photo.read_bytes())}, timeout=120)
+        status = status.status_code
+    except requests.ConnectionError:
+        status = "closed"
+    return {"status": status, "ms": round(1000 * (time.perf_counter() - t0), 1)}
+
+
+def idle_connections(url: str, port: int, api_pid: int, n: int, header_timeout_s: float, photo: Path) -> dict:
+    """`n` connections opened and left silent; the API worker while they are held and after the header timeout,
+    and one /classify while they are held and one after."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < n + 256:
+        if hard != resource.RLIM_INFINITY and hard < n + 256:
+            raise SystemExit(f"--idle-connections {n}: this process may open {hard} files at most (ulimit -Hn)")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (n + 256, hard))
+    files0, rss0 = open_files(api_pid), proc_status(api_pid, "VmRSS")
+    socks, refused = [], 0
+    t0 = time.perf_counter()
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.settimeout(10)
+            try:
+                s.connect(("127.0.0.1", port))
+            except OSError:  # the listen backlog is full: the kernel refuses (or times out) the rest
+                s.close()
+                refused += 1
+                continue
+            socks.append(s)
+        opened_s = time.perf_counter() - t0
+        time.sleep(1.0)
+        held = {"api_open_files": open_files(api_pid), "api_rss_mb": round(proc_status(api_pid, "VmRSS") / 2**20)}
+        classify = timed_classify(url, photo)
+        time.sleep(max(0.0, header_timeout_s + 2 - (time.perf_counter() - t0 - opened_s)))  # after the last opened
+        after = {"api_open_files": open_files(api_pid), "api_rss_mb": round(proc_status(api_pid, "VmRSS") / 2**20)}
+        after_classify = timed_classify(url, photo)
+    finally:
+        for s in socks:
+            s.close()
+    return {
+        "connections": n,
+        "connected": len(socks),
+        "refused_by_kernel": refused,
+        "open_s": round(opened_s, 1),
+        "api_open_files_before": files0,
+        "api_rss_mb_before": round(rss0 / 2**20),
+        "held": held,
+        "classify_while_held": classify,  # past twice serve.max_connections a new connection is closed at once
+        f"after_{header_timeout_s + 2:g}s": after,
+        "classify_after": after_classify,
+    }
+
+
+def hostile(url: str, port: int, api_pid: int, params: dict, args) -> dict:
+    figures = {}
+    if args.made_up_paths:
+        figures["made_up_paths"] = made_up_paths(url, api_pid, args.made_up_paths)
+        print(f"made-up paths: {json.dumps(figures['made_up_paths'])}", flush=True)
+    if args.idle_connections:
+        photo = sorted(args.photos.rglob("*.jpg"))[0]
+        timeout = float(params["serve"]["header_timeout_s"])
+        figures["idle_connections"] = idle_connections(url, port, api_pid, args.idle_connections, timeout, photo)
+        print(f"idle connections: {json.dumps(figures['idle_connections'])}", flush=True)
+    return figures
+
+
+def serve_and_drive(params: dict, home: Path, tmp: Path, label: str, args, hostile_too: bool = False) -> dict:
     (tmp / label).mkdir()
     path = tmp / f"params-{label}.yaml"
     path.write_text(yaml.safe_dump(params))
@@ -170,7 +295,10 @@ def serve_and_drive(params: dict, home: Path, tmp: Path, label: str, args) -> di
         proc = start(port, env=env, log=log)
         try:
             wait_ready(url, proc)
-            figures = drive(url, api_worker(proc.pid), args, tmp / label)
+            api_pid = api_worker(proc.pid)
+            figures = drive(url, api_pid, args, tmp / label)
+            if hostile_too:
+                figures["hostile"] = hostile(url, port, api_pid, params, args)
         finally:
             stop(proc)
     retries = (tmp / f"serve-{label}.log").read_text().count("connection to the model service dropped")
@@ -211,6 +339,8 @@ def main(argv=None) -> None:
     )  # fmt: skip
     parser.add_argument("--raw-seconds", type=float, default=10.0, help="timing of raw ONNX Runtime, per batch size")
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    parser.add_argument("--made-up-paths", type=int, default=10_000, help="GETs to random paths afterwards (0: none)")
+    parser.add_argument("--idle-connections", type=int, default=10_000, help="silent connections afterwards (0: none)")
     parser.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override a serve param, e.g. workers=2"
     )
@@ -241,7 +371,7 @@ def main(argv=None) -> None:
         tmp = Path(tmp)
         model = package_model(stage_args, args.params, tmp / "bentoml")
         calibration = Calibration.from_dict(model["metadata"]["calibration"])
-        results["batched"] = serve_and_drive(params, tmp / "bentoml", tmp, "batched", args)
+        results["batched"] = serve_and_drive(params, tmp / "bentoml", tmp, "batched", args, hostile_too=True)
         unbatched = {**params, "serve": {**params["serve"], "max_batch_size": 1}}
         results["unbatched"] = serve_and_drive(unbatched, tmp / "bentoml", tmp, "unbatched", args)
         batch = max(1, round(results["batched"]["mean_batch"] or 1))
@@ -268,6 +398,7 @@ def main(argv=None) -> None:
             "seconds": args.seconds,
             "serve": {k: params["serve"][k] for k in ("max_batch_size", "max_latency_ms", "threads", "workers")},
             "batched_vs_raw": round(results["batched"]["rps"] / raw, 3),
+            "hostile": results["batched"].pop("hostile"),
             "batched_vs_unbatched_rps": round(results["batched"]["rps"] / max(results["unbatched"]["rps"], 1e-9), 2),
             "cpu_count": os.cpu_count(),
             "locust": subprocess.run(

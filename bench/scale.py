@@ -176,6 +176,40 @@ def one_size(photos: int, args, work: Path) -> dict:
     return result
 
 
+def plot(results: dict, path: Path) -> None:
+    """Each size's time by stage (stacked), its peak RSS and its disk: one SVG beside the JSON."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = results["runs"]
+    photos = [r["photos"] for r in runs]
+    stages = sorted({s for r in runs for s in r["stage_seconds"]}, key=lambda s: -runs[-1]["stage_seconds"].get(s, 0))
+    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4))
+    bottom = [0.0] * len(runs)
+    labels = [f"{n:,}" for n in photos]
+    for stage in stages:
+        minutes = [r["stage_seconds"].get(stage, 0) / 60 for r in runs]
+        ax_t.bar(labels, minutes, bottom=bottom, label=stage)
+        bottom = [b + m for b, m in zip(bottom, minutes, strict=True)]
+    ax_t.set(xlabel="photos in the kit (train + test)", ylabel="minutes", title="make offline: time by stage")
+    ax_t.legend(fontsize=7)
+    gib = [max(r["stage_peak_rss_bytes"].values()) / 2**30 for r in runs]
+    disk = [r["disk_bytes"] / 2**30 for r in runs]
+    zips = [r["zip_bytes"] / 2**30 for r in runs]
+    ax_m.plot(photos, gib, "o-", label="peak RSS of a stage")
+    ax_m.plot(photos, disk, "s-", label="workspace + DVC cache")
+    ax_m.plot(photos, [4 * z for z in zips], "k:", label="4 x the zip (the bound)")
+    ax_m.set(xlabel="photos", ylabel="GiB", title="memory and disk", ylim=(0, None))
+    ax_m.legend(fontsize=7)
+    cpu_name = f"{results['cpu']['model']}, {results['cpu']['cores']} cores, {' '.join(results['cpu']['flags'])}"
+    fig.suptitle(cpu_name, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--kit", type=Path, default=KIT, help="a folder with the competition zip and test_labels.csv")
@@ -185,7 +219,11 @@ def main(argv=None) -> None:
     parser.add_argument("--work", type=Path, help="where the kits and clones go (default: a temporary folder)")
     parser.add_argument("--keep", action="store_true", help="keep each clone (several GB at 22,500 photos)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "scale.json")
+    parser.add_argument("--plot-only", action="store_true", help="redraw the plot (scale.svg) from --out")
     args = parser.parse_args(argv)
+    if args.plot_only:
+        plot(json.loads(args.out.read_text()), args.out.with_suffix(".svg"))
+        return
     for need in (args.kit / ZIP_NAME, args.kit / "test_labels.csv"):
         if not need.exists():
             raise SystemExit(f"{need} not found: pass --kit, the folder of the shared real-kaggle-22k set")
@@ -204,6 +242,7 @@ def main(argv=None) -> None:
         results["runs"].sort(key=lambda r: r["photos"])
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=2) + "\n")
+        plot(results, args.out.with_suffix(".svg"))
     for r in results["runs"]:
         peak = max(r["stage_peak_rss_bytes"].values(), default=0) / 2**30
         test = f"test {r['test']['accuracy']:.4f} / {r['test']['log_loss']:.4f}"

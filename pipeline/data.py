@@ -2,7 +2,8 @@
 
 Not a stage: `predict` (`python -m pipeline.predict`) and `serving/service.py` import it. No torch here,
 so the service runs on onnxruntime, numpy and Pillow alone. `load_image` decodes untrusted bytes safely
-(size limit, full decode, EXIF rotation, any mode to RGB); `preprocess` is `pipeline.model.eval_transform`
+(pixel limit from the header, JPEGs at reduced scale, full decode, EXIF rotation, any mode to RGB;
+`decoded_pixels` counts what it would decode); `preprocess` is `pipeline.model.eval_transform`
 in numpy (the tests hold it to 1e-6 of torchvision's); `read_metadata` and `make_session` open the ONNX
 folder written by `export`, whose metadata carries everything preprocessing needs; `open_model` picks the
 variant file (fp32, int8, fp16) for the device. `validate_submission`
@@ -11,6 +12,7 @@ checks a submission against Kaggle's `sample_submission.csv` (for `predict` and 
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import functools
@@ -74,27 +76,55 @@ class ModelError(RuntimeError):
 MAX_ASPECT = 50
 
 
-def load_image(source: bytes | str | os.PathLike, max_pixels: int) -> Image.Image:
-    """A fully decoded RGB image from a path or bytes; `ImageError` if it is unusable or over `max_pixels`."""
-    name = "image bytes" if isinstance(source, bytes) else str(source)
+def load_image(source: bytes | str | os.PathLike, max_pixels: int, draft_size: int | None = None) -> Image.Image:
+    """A fully decoded RGB image from a path or bytes; `ImageError` if it is unusable or decodes to over `max_pixels`.
+
+    `draft_size`: a JPEG is decoded at the most reduced of 1/1, 1/2, 1/4, 1/8 scale whose short side is still at
+    least this (Pillow's `draft`, libjpeg's DCT scaling): preprocessing's resize_size, so the model sees about what a
+    full decode resized down gives, and a 48 MP photo costs 0.75 MP to decode instead of 48 (issue 24, item 4)."""
+    with opened_image(source, max_pixels, draft_size) as img:
+        try:
+            img.load()  # a truncated JPEG opens fine and fails only here
+            return to_rgb(ImageOps.exif_transpose(img))  # phone photos are stored sideways; EXIF says so
+        except (OSError, SyntaxError, ValueError) as e:
+            raise ImageError(f"{image_name(source)} is not a readable image ({e.__class__.__name__}: {e})") from e
+
+
+def decoded_pixels(source: bytes | str | os.PathLike, max_pixels: int, draft_size: int | None = None) -> int:
+    """The pixels `load_image` would decode, from the header alone; `ImageError` as `load_image` would raise it."""
+    with opened_image(source, max_pixels, draft_size) as img:
+        return img.width * img.height
+
+
+def image_name(source: bytes | str | os.PathLike) -> str:
+    return "image bytes" if isinstance(source, bytes) else str(source)
+
+
+@contextlib.contextmanager
+def opened_image(source: bytes | str | os.PathLike, max_pixels: int, draft_size: int | None):
+    """The image opened (its header read, nothing decoded), drafted to `draft_size` and checked against
+    `max_pixels` and MAX_ASPECT: what `load_image` decodes and `decoded_pixels` counts."""
+    name = image_name(source)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # we check the size ourselves
-            with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
-                if img.width * img.height > max_pixels:
-                    raise ImageError(f"{name}: {img.width}x{img.height} pixels is over the limit of {max_pixels}")
-                if max(img.size) > MAX_ASPECT * min(img.size):
-                    raise ImageError(
-                        f"{name}: {img.width}x{img.height} pixels is a strip, not a photo (longer than "
-                        f"{MAX_ASPECT}:1); resizing its short side would blow it up to a huge image"
-                    )
-                img.load()  # a truncated JPEG opens fine and fails only here
-                return to_rgb(ImageOps.exif_transpose(img))  # phone photos are stored sideways; EXIF says so
-    except ImageError:
-        raise
+            img = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
     # DecompressionBombError (Pillow's own limit, twice its warning size) is not an OSError
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise ImageError(f"{name} is not a readable image ({e.__class__.__name__}: {e})") from e
+    with img:
+        full = img.size
+        if draft_size and img.format == "JPEG":
+            img.draft(img.mode, (draft_size, draft_size))  # sets the size the decoder will give
+        if img.width * img.height > max_pixels:
+            decodes = "" if img.size == full else f" (decoded at reduced scale: {img.width}x{img.height})"
+            raise ImageError(f"{name}: {full[0]}x{full[1]} pixels{decodes} is over the limit of {max_pixels}")
+        if max(img.size) > MAX_ASPECT * min(img.size):
+            raise ImageError(
+                f"{name}: {full[0]}x{full[1]} pixels is a strip, not a photo (longer than "
+                f"{MAX_ASPECT}:1); resizing its short side would blow it up to a huge image"
+            )
+        yield img
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

@@ -67,7 +67,7 @@ def rejected_by_prepare(data: Path) -> dict[int, str]:
 def load_input(path: Path, meta: dict, max_pixels: int) -> np.ndarray | ImageError:
     """One image as the model's input (3, H, W), or the reason it cannot be. Runs in a decode thread."""
     try:
-        return preprocess_as(load_image(path, max_pixels), meta)
+        return preprocess_as(load_image(path, max_pixels, meta["resize_size"]), meta)  # as the service decodes
     except ImageError as e:
         return e
 

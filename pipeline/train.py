@@ -46,7 +46,7 @@ from tqdm import tqdm
 
 from pipeline.config import setup_logging
 from pipeline.features import load_cache
-from pipeline.files import atomic_write
+from pipeline.files import atomic_write, remove_leftover, temporary_sibling
 from pipeline.model import (
     CLASSES,
     WeightsError,
@@ -476,6 +476,9 @@ def main(argv=None) -> None:
     if args.model.exists():  # as dvc repro does: a model beside a checkpoint means its run was abandoned (tidy.py)
         args.model.unlink()
         log.info("removed the previous %s", args.model)
+    for tmp in (temporary_sibling(args.model), temporary_sibling(args.checkpoint)):  # a SIGKILL during a save
+        if (size := remove_leftover(tmp)) is not None:  # a 174 MB model, a checkpoint up to 1.6 GB: free it first
+            log.info("removed %s (%.1f MB), left by an interrupted write", tmp, size / 1e6)
     run = start_run(p, args.data, args.features, args.checkpoint)
     resume(run)
     args.model.parent.mkdir(parents=True, exist_ok=True)

@@ -43,9 +43,12 @@ from starlette.routing import Route
 
 from pipeline.calibration import Calibration, CalibrationError
 from pipeline.config import load_params
-from pipeline.data import ImageError, auto_variant, load_image, open_model, preprocess_as, read_metadata
+from pipeline.data import ImageError, auto_variant, decoded_pixels, load_image, open_model, preprocess_as, read_metadata
 from pipeline.params.package import PackageParams
 from pipeline.params.serve import ServeParams
+from serving import metrics_labels
+from serving.connections import guard_connections
+from serving.tempdir import remove_worker_tempdir, use_worker_tempdir
 
 log = logging.getLogger("bentoml.dogs_vs_cats")  # under "bentoml": BentoML's log handlers show it
 
@@ -58,7 +61,8 @@ except NotFound:  # importable without a model (the tests' unit parts); `bentoml
     STORED = None  # own error, which talks of a cloud context: say first what to run
     log.warning(
         "no model '%s' in the BentoML store (%s): run 'dvc repro package' (or 'make demo') first, with the same "
-        "BENTOML_HOME",
+        "BENTOML_HOME; if dvc says the stage didn't change (the store was emptied since it ran), "
+        "'dvc repro -f -s package'",
         MODEL_NAME,
         os.environ.get("BENTOML_HOME", "~/bentoml"),
     )
@@ -72,7 +76,7 @@ _short = {
 if _short:
     raise SystemExit(
         f"model {STORED.tag} in the BentoML store is incomplete (files missing or short: {', '.join(_short)}), as an "
-        "interrupted 'dvc repro package' leaves it: run 'dvc repro package' again"
+        "interrupted 'dvc repro package' leaves it: run 'dvc repro -f -s package' (forced: dvc.lock may be current)"
     )
 MODEL = bentoml.models.BentoModel(f"{MODEL_NAME}:latest")
 
@@ -84,7 +88,7 @@ def stored_calibration(model) -> Calibration:
     except KeyError:
         raise SystemExit(
             f"model {model.tag} in the BentoML store has no calibration (packaged before the service applied the "
-            "submission's): run 'dvc repro package' again"
+            "submission's): run 'dvc repro -f -s package' (forced: dvc.lock may be current)"
         ) from None
     except CalibrationError as e:
         raise SystemExit(f"model {model.tag}: {e}") from None
@@ -97,22 +101,25 @@ CALIBRATION = stored_calibration(STORED) if STORED is not None else None
 
 UPLOAD_FIELDS = {"/classify": "image", "/classify_batch": "images"}  # endpoint -> its multipart field
 MAX_PARTS = {"/classify": 1, "/classify_batch": SERVE.max_batch_images}  # endpoint -> files in one request
-MULTIPART_SLACK = 1 << 20  # headers and boundaries around the files
+PART_SLACK = 8 << 10  # a part's boundary line and headers, at most (FormCheck refuses more); once more for the end
 SPOOL_BYTES = 1 << 20  # a body's first MiB stays in memory, the rest goes to a temporary file
+UPLOAD_NAME = b"upload"  # every uploaded file's name, as BentoML gets it (see FormCheck)
 
 
 def upload_limits(serve: ServeParams) -> tuple[dict[str, int], int]:
     """From the serve params: the largest body each upload endpoint takes, and the body bytes that all requests of
     one API worker may hold at once (spooled to disk past SPOOL_BYTES each, and BentoML spools its own copy while
-    it parses): two full batches; a request that would go over gets 503."""
-    max_body = {
-        "/classify": serve.max_bytes + MULTIPART_SLACK,
-        "/classify_batch": serve.max_bytes * serve.max_batch_images + MULTIPART_SLACK,
-    }
+    it parses): two full batches; a request that would go over gets 503. A longer body cannot pass FormCheck: it
+    gets 413 from its Content-Length alone, before it counts against the in-flight bytes."""
+    parts = {"/classify": 1, "/classify_batch": serve.max_batch_images}
+    max_body = {path: n * serve.max_bytes + (n + 1) * PART_SLACK for path, n in parts.items()}
     return max_body, 2 * max_body["/classify_batch"]
 
 
 MAX_BODY, IN_FLIGHT_BYTES = upload_limits(SERVE)
+# decoded pixels, counted from the headers before any is decoded: serve.max_request_pixels a request (413), twice
+# that for all of an API worker's (503). 32 PNGs of 73 KB that decode to 25 MP each took 13.9 s and 1.47 GB
+PIXELS_IN_FLIGHT = 2 * SERVE.max_request_pixels
 
 
 class BadUpload(ValueError):
@@ -128,14 +135,19 @@ def error(status: HTTPStatus, message: str, headers: dict | None = None) -> JSON
 
 
 class FormCheck:
-    """Checks a multipart body as it streams in and keeps none of it: every part a file (a filename) in the
-    endpoint's field, at most `max_parts` of them, each at most serve.max_bytes. `write` raises BadUpload at the
-    first chunk that breaks a rule, `finish` if the body ends before its closing boundary (a wrong boundary)."""
+    """Checks a multipart body as it streams in: every part a file (a filename) in the endpoint's field, at most
+    `max_parts` of them, each at most serve.max_bytes with at most PART_SLACK of boundary and headers. `write` raises
+    BadUpload at the first chunk that breaks a rule, `finish` if the body ends before its closing boundary (a wrong
+    boundary). Both return the body written anew for BentoML: each part's file named UPLOAD_NAME, its Content-Type
+    kept, other headers dropped. BentoML names its temporary file after the client's filename, and one of 245 bytes
+    or more was a 500 ("File name too long"): nothing the client names reaches the disk."""
 
     def __init__(self, boundary: bytes, field: str, max_parts: int):
         self.boundary, self.field, self.max_parts = boundary, field, max_parts
         self.parts = self.part_bytes = 0  # python-multipart bounds each part's headers (8, of 4 KiB each)
         self.header, self.value, self.disposition, self.ended = b"", b"", b"", False
+        self.content_type, self.out = b"", bytearray()  # the body written anew, until write or finish returns it
+        self.read = self.data = 0  # body bytes in, and those that are files' bytes: the rest is boundaries, headers
         callbacks = {
             "on_part_begin": self.on_part_begin,
             "on_header_field": self.on_header_field,
@@ -143,17 +155,24 @@ class FormCheck:
             "on_header_end": self.on_header_end,
             "on_headers_finished": self.on_headers_finished,
             "on_part_data": self.on_part_data,
+            "on_part_end": self.on_part_end,
             "on_end": self.on_end,
         }
         self.parser = MultipartParser(boundary, callbacks)
 
-    def write(self, chunk: bytes) -> None:
+    def write(self, chunk: bytes) -> bytes:
         try:
             self.parser.write(chunk)
         except MultipartParseError as e:
             raise BadUpload(f"malformed multipart body ({e}): is the boundary in Content-Type the body's?") from e
+        self.read += len(chunk)
+        if self.read - self.data > (self.parts + 1) * PART_SLACK:
+            msg = f"multipart headers over {PART_SLACK} bytes a part: send each photo with its usual headers"
+            raise BadUpload(msg, HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
+        out, self.out = bytes(self.out), bytearray()
+        return out
 
-    def finish(self) -> None:
+    def finish(self) -> bytes:
         self.parser.finalize()
         if not self.ended:
             raise BadUpload(
@@ -162,10 +181,12 @@ class FormCheck:
             )
         if not self.parts:
             raise BadUpload(f"no photo: send it as a file in the multipart field '{self.field}'")
+        return bytes(self.out)
 
     def on_part_begin(self) -> None:
         self.parts += 1
-        self.part_bytes, self.disposition = 0, b""
+        self.part_bytes, self.disposition, self.content_type = 0, b"", b""
+        self.out += b"--%s\r\n" % self.boundary
         if self.parts > self.max_parts and self.max_parts == 1:
             raise BadUpload("more than one file: /classify takes one photo, /classify_batch several")
         if self.parts > self.max_parts:
@@ -181,6 +202,8 @@ class FormCheck:
     def on_header_end(self) -> None:
         if self.header.lower() == b"content-disposition":
             self.disposition = self.value
+        elif self.header.lower() == b"content-type":
+            self.content_type = self.value
         self.header, self.value = b"", b""
 
     def on_headers_finished(self) -> None:
@@ -197,16 +220,26 @@ class FormCheck:
         # forgery), so it never gets past here
         if b"filename" not in options:
             raise BadUpload(f"field '{self.field}' holds text, not a file: upload the photo itself (multipart file)")
+        self.out += b'Content-Disposition: form-data; name="%s"; filename="%s"\r\n' % (self.field.encode(), UPLOAD_NAME)
+        if self.content_type:
+            self.out += b"Content-Type: %s\r\n" % self.content_type
+        self.out += b"\r\n"
 
     def on_part_data(self, data: bytes, start: int, end: int) -> None:
         self.part_bytes += end - start
+        self.data += end - start
+        self.out += data[start:end]
         if self.part_bytes > SERVE.max_bytes:
             which = "image" if self.max_parts == 1 else f"image {self.parts}"
             msg = f"{which} is over the limit of {SERVE.max_bytes} bytes"
             raise BadUpload(msg, HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
 
+    def on_part_end(self) -> None:
+        self.out += b"\r\n"
+
     def on_end(self) -> None:
         self.ended = True
+        self.out += b"--%s--\r\n" % self.boundary
 
 
 class UploadGuard:
@@ -214,8 +247,9 @@ class UploadGuard:
 
     BentoML (and Starlette under it) read a whole body before any check, and a malformed one raised an
     HTTPException that BentoML's TimeoutMiddleware swallows: no answer for traffic.timeout (120 s), then a bare 500
-    (bentoml/BentoML#5670). Here the body streams through FormCheck into a spooled temporary file; a declared
-    Content-Length over the limit gets 413 before a byte is read, anything that breaks a rule gets 4xx at that
+    (bentoml/BentoML#5670). Here the body streams through FormCheck, written anew, into a spooled temporary file; a
+    request with both Content-Length and Transfer-Encoding gets 400 on any path, a declared Content-Length over the
+    limit gets 413 before a byte is read, anything that breaks a rule gets 4xx at that
     chunk (the rest is not kept), and a request that would take the worker's body bytes over IN_FLIGHT_BYTES
     gets 503. (BentoML also answers 500 to a file in an undeclared field, and takes text in a file field, or a
     JSON body, for a URL to download: only multipart files in the endpoint's field pass.)"""
@@ -226,6 +260,11 @@ class UploadGuard:
 
     async def __call__(self, scope, receive, send):
         path = scope.get("path", "")
+        if scope["type"] == "http" and {b"content-length", b"transfer-encoding"} <= {k for k, _ in scope["headers"]}:
+            # two framings: how a request is smuggled past a proxy that reads the other one; refuse it and close
+            # the connection, on every path (RFC 9112 6.1)
+            msg = "both Content-Length and Transfer-Encoding in one request: send one of them"
+            return await error(HTTPStatus.BAD_REQUEST, msg, {"connection": "close"})(scope, receive, send)
         if scope["type"] != "http" or scope.get("method") != "POST" or path not in UPLOAD_FIELDS:
             return await self.app(scope, receive, send)
         spool = UploadFile(SpooledTemporaryFile(max_size=SPOOL_BYTES))
@@ -244,6 +283,7 @@ class UploadGuard:
                     if message["type"] == "http.disconnect":
                         raise BadUpload("the client went away before the body ended")
                     chunk = message.get("body", b"")
+                    out = check.write(chunk)  # the body written anew (see FormCheck); first: its refusals say most
                     size += len(chunk)
                     if size > MAX_BODY[path]:
                         raise BadUpload(
@@ -252,16 +292,18 @@ class UploadGuard:
                         )
                     if size > held:  # chunked: take as it comes
                         held += self.take(size - held)
-                    check.write(chunk)
-                    await spool.write(chunk)
+                    await spool.write(out)
                     if not message.get("more_body"):
                         break
-                check.finish()
+                await spool.write(check.finish())
             except BadUpload as e:
                 # no `Connection: close`: a client still sending would get a reset instead of this answer; uvicorn
                 # reads the rest of the body into nothing
                 headers = {"retry-after": "1"} if e.status == HTTPStatus.SERVICE_UNAVAILABLE else None
                 return await error(e.status, str(e), headers)(scope, receive, send)
+            # the headers of the body BentoML gets: its length, and a lower-case media type (BentoML's own test of
+            # it is case-sensitive: "Multipart/Form-Data" went to its JSON reader)
+            scope = {**scope, "headers": form_headers(scope["headers"], check.boundary, spool.file.tell())}
             await spool.seek(0)
             await self.app(scope, replay(spool, receive), send)
         finally:
@@ -298,6 +340,15 @@ class UploadGuard:
         return n
 
 
+def form_headers(headers: list, boundary: bytes, length: int) -> list:
+    """ASGI request headers for a multipart body of `length` bytes with this boundary, in place of the client's."""
+    framing = (b"content-type", b"content-length", b"transfer-encoding")
+    return [(k, v) for k, v in headers if k not in framing] + [
+        (b"content-type", b'multipart/form-data; boundary="%s"' % boundary),
+        (b"content-length", b"%d" % length),
+    ]
+
+
 def replay(spool: UploadFile, receive):
     """An ASGI receive that gives the checked body from the spool, a MiB at a time, then the client's messages."""
     done = False
@@ -330,6 +381,7 @@ class NoCorkOptimizer(bentoml_dispatcher.Optimizer):
 
 # read when the model service builds its dispatcher, after importing this module; bentoml is pinned below 1.5
 bentoml_dispatcher.Optimizer = NoCorkOptimizer
+metrics_labels.install()  # /metrics labelled by route: a made-up path is no new series (issue 24)
 
 
 # runner_connection: BentoML 1.4's client to this service replaces its connection pool every 100 requests,
@@ -350,6 +402,7 @@ class Classifier:
     model = MODEL
 
     def __init__(self) -> None:
+        use_worker_tempdir()  # before BentoML makes its client folders (serving/tempdir.py)
         self.meta = read_metadata(self.model.path)
         self.calibration = CALIBRATION
         # serve.variant auto: fp16 on CUDA, int8 on CPU (speed), when they passed export's check (the store holds
@@ -383,6 +436,10 @@ class Classifier:
         loop, not in the thread pool that `predict`'s batches wait for."""
         return {"variant": self.variant, "provider": self.provider}
 
+    @bentoml.on_shutdown
+    def remove_tempdir(self) -> None:
+        remove_worker_tempdir()
+
 
 @bentoml.service(traffic={"timeout": 120})
 class DogsVsCats:
@@ -392,8 +449,11 @@ class DogsVsCats:
     classifier = bentoml.depends(Classifier)
 
     def __init__(self) -> None:
+        use_worker_tempdir()  # uploads go there, and a killed worker's are removed (serving/tempdir.py)
+        guard_connections(SERVE.header_timeout_s, SERVE.body_timeout_s, SERVE.max_connections)  # before it serves
         self.meta = read_metadata(self.model.path)
         self.calibration = CALIBRATION
+        self.decoding = 0  # decoded pixels this worker's requests hold now (one event loop: no lock)
         self.running: dict | None = None  # the model worker's variant and provider, asked once (GET /info)
 
     async def running_variant(self) -> dict | None:
@@ -408,8 +468,8 @@ class DogsVsCats:
                     log.warning("GET /info: the model service did not answer (%s)", e.__class__.__name__)
         return self.running
 
-    def load(self, upload: Path, name: str) -> np.ndarray:
-        """One upload -> a preprocessed (3, H, W) array, or a 4xx error that says what is wrong."""
+    def check(self, upload: Path, name: str) -> int:
+        """One upload's decoded pixels, from its size and header alone, or a 4xx error that says what is wrong."""
         size = upload.stat().st_size
         if size == 0:
             raise BadUpload(f"{name} is empty: send a photo (JPEG, PNG, GIF, WebP ...)")
@@ -418,11 +478,43 @@ class DogsVsCats:
                 f"{name} is {size} bytes, over the limit of {SERVE.max_bytes}", HTTPStatus.REQUEST_ENTITY_TOO_LARGE
             )
         try:
-            img = load_image(upload, SERVE.max_pixels)
+            # JPEGs decode at reduced scale, to the model's resize_size, as predict decodes them
+            return decoded_pixels(upload, SERVE.max_pixels, self.meta["resize_size"])
+        except ImageError as e:
+            raise BadUpload(f"{name}: {str(e).replace(str(upload), 'the upload')}") from e
+
+    def load(self, upload: Path, name: str) -> np.ndarray:
+        """One upload -> a preprocessed (3, H, W) array, or a 4xx error that says what is wrong."""
+        self.check(upload, name)
+        try:
+            img = load_image(upload, SERVE.max_pixels, self.meta["resize_size"])
         except ImageError as e:
             raise BadUpload(f"{name}: {str(e).replace(str(upload), 'the upload')}") from e
         m = self.meta
         return preprocess_as(img, m)  # the model's own size, filter (bilinear, bicubic), mean and std
+
+    async def decode(self, uploads: list[Path], names: list[str]) -> list[np.ndarray]:
+        """Uploads -> preprocessed arrays, in threads (never on the event loop); every header checked before any is
+        decoded, and the request's decoded pixels within serve.max_request_pixels (413) and PIXELS_IN_FLIGHT (503)."""
+        pixels = sum(await asyncio.to_thread(lambda: [self.check(p, n) for p, n in zip(uploads, names, strict=True)]))
+        if pixels > SERVE.max_request_pixels:
+            raise BadUpload(
+                f"the photos decode to {pixels} pixels, over the limit of {SERVE.max_request_pixels} a request: send "
+                "fewer or smaller photos",
+                HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+            )
+        if self.decoding + pixels > PIXELS_IN_FLIGHT:
+            raise BadUpload(
+                f"busy: photos of {self.decoding} pixels are being decoded, these would go over {PIXELS_IN_FLIGHT}: "
+                "retry in a moment",
+                HTTPStatus.SERVICE_UNAVAILABLE,
+            )
+        self.decoding += pixels
+        try:
+            loads = (asyncio.to_thread(self.load, p, n) for p, n in zip(uploads, names, strict=True))
+            return await asyncio.gather(*loads)
+        finally:
+            self.decoding -= pixels
 
     async def infer(self, x: np.ndarray) -> np.ndarray:
         """Classifier.predict on a batch (N, 3, H, W), retried on a dropped connection.
@@ -448,7 +540,7 @@ class DogsVsCats:
     async def classify(self, image: Path) -> dict:
         """One photo (multipart field `image`) -> {"label", "p_dog", "p_cat"}: the submission's calibrated P(dog)."""
         try:
-            x = await asyncio.to_thread(self.load, image, "image")  # decoding blocks: keep it off the event loop
+            (x,) = await self.decode([image], ["image"])
         except BadUpload as e:
             return error(e.status, str(e))
         p_dog = await self.infer(x[None])
@@ -463,9 +555,7 @@ class DogsVsCats:
             msg = f"{len(images)} images, over the limit of {SERVE.max_batch_images} per request"
             return error(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, msg)
         try:
-            xs = await asyncio.gather(
-                *(asyncio.to_thread(self.load, p, f"image {i + 1}") for i, p in enumerate(images))
-            )
+            xs = await self.decode(images, [f"image {i + 1}" for i in range(len(images))])
         except BadUpload as e:
             return error(e.status, str(e))
         p_dog = await self.infer(np.stack(xs))

@@ -144,7 +144,8 @@ def best_member(project: Path) -> str:
 @pytest.mark.slow
 def test_load_test_serves_the_best_member_with_its_defaults(repro_project, tmp_path):
     out = tmp_path / "load.json"
-    small = ["--clients", "2", "--seconds", "2", "--warmup", "1", "--raw-seconds", "0.2", "--idle-after", "0.5"]
+    small = ["--clients", "2", "--seconds", "2", "--warmup", "1", "--raw-seconds", "0.2", "--idle-after", "0.5",
+             "--made-up-paths", "300", "--idle-connections", "300"]  # fmt: skip
     ran(run_bench(repro_project, "load_test.py", *small, "--out", str(out)))
     figures = json.loads(out.read_text())
     assert figures["member"] == best_member(repro_project) and figures["image_size"] == 32
@@ -152,6 +153,13 @@ def test_load_test_serves_the_best_member_with_its_defaults(repro_project, tmp_p
     for mode in (figures["batched"], figures["unbatched"]):
         assert mode["requests"] > 0 and mode["errors"] == 0 and mode["rps"] > 0, mode
     assert figures["raw_ort_img_s"] > 0 and figures["variant"] in ("fp32", "int8")
+    paths = figures["hostile"]["made_up_paths"]  # 300 different unknown paths add at most one series
+    assert paths["statuses"] == {"404": 300} and paths["metrics_bytes_after"] < paths["metrics_bytes_before"] + 20_000
+    idle = figures["hostile"]["idle_connections"]
+    assert idle["connected"] == 300 and idle["classify_while_held"]["status"] == 200, idle  # under the bound
+    assert idle["classify_after"]["status"] == 200, idle
+    after = next(v for k, v in idle.items() if k.startswith("after_"))
+    assert after["api_open_files"] < idle["api_open_files_before"] + 50, idle  # closed at the header timeout
 
 
 @pytest.mark.slow

@@ -23,6 +23,7 @@ from pipeline.data import (
     ImageError,
     ModelError,
     auto_variant,
+    decoded_pixels,
     gpu_present,
     load_image,
     make_session,
@@ -85,6 +86,22 @@ def test_too_many_pixels_is_refused_before_decoding(monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
     with pytest.raises(ImageError, match="DecompressionBombError"):
         load_image(jpeg(noise(40, 30)), max_pixels=10**9)
+
+
+def test_a_jpeg_decodes_at_reduced_scale_and_the_pixel_limit_counts_what_is_decoded():
+    """draft_size: a 2000 x 1200 JPEG decodes at 1/4 (short side 300 >= 256), so it passes a limit its full size is
+    over; a PNG cannot be drafted, and decoded_pixels says so from its header (issue 24, item 4)."""
+    big = noise(100, 60).resize((2000, 1200))
+    img = load_image(jpeg(big), max_pixels=200_000, draft_size=256)
+    assert img.size == (500, 300) and img.mode == "RGB"
+    assert decoded_pixels(jpeg(big), 200_000, draft_size=256) == 500 * 300
+    with pytest.raises(ImageError, match="2000x1200 pixels is over the limit"):
+        load_image(jpeg(big), max_pixels=200_000)  # no draft: the full size counts
+    with pytest.raises(ImageError, match="2000x1200 pixels is over the limit"):
+        decoded_pixels(png(big), 200_000, draft_size=256)
+    # close to a full decode resized down: what the model sees barely changes
+    full = np.asarray(load_image(jpeg(big), max_pixels=10**7).resize((500, 300), Image.BILINEAR), dtype=float)
+    assert np.abs(np.asarray(img, dtype=float) - full).mean() < 3
 
 
 @pytest.mark.parametrize(

@@ -8,31 +8,41 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from pipeline.config import PARAMS_FILE, ConfigError, from_dict, load_yaml
+from pipeline.config import (
+    PARAMS_FILE,
+    ConfigError,
+    above,
+    at_least,
+    from_dict,
+    interval,
+    load_yaml,
+    text,
+    zero_or_at_least,
+)
 
 
 @dataclass(frozen=True)
 class TrainParams:
-    arch: str  # torchvision or timm model name (vgg16, resnet34, timm/convnext_tiny, efficientnet_lite0, ...)
-    weights: str  # imagenet | none (random init: the offline demo) | path to a state dict for the arch
+    arch: str = text()  # torchvision or timm model name (vgg16, resnet34, timm/convnext_tiny, efficientnet_lite0, ...)
+    weights: str = text()  # imagenet | none (random init: the offline demo) | path to a state dict for the arch
     finetune: Literal["head", "dense", "all"]  # what trains: the new layer, the arch's dense block, everything
-    image_size: int  # side of the centre crop fed to the network; 0 = the weights' own (224, lite1: 240, ...)
+    image_size: int = zero_or_at_least(32)  # side of the network's centre crop; 0: the weights' own (224, lite1 240)
     augment: bool  # random resized crop + horizontal flip on training images
-    min_scale: float  # ... the crop covers at least this fraction of the image's area
+    min_scale: float = interval("(0, 1]")  # ... the crop covers at least this fraction of the image's area
     freeze_bn: bool  # BatchNorm keeps its pretrained running statistics while the body trains (small data sets)
-    head_epochs: int  # fastai's fine_tune: with finetune all, first this many epochs train only the head
-    head_lr: float  # ... at this peak lr (on cached activations when feature_cache)
-    epochs: int  # passes over the training images (or their cached activations) with `finetune`
-    epoch_images: int  # an epoch on images draws at most this many of them (a new draw each epoch); 0: all
-    batch_size: int  # images per optimiser step (CUDA: the largest that fits)
-    lr: float  # peak learning rate of the one-cycle schedule (head, or the dense block)
-    body_lr_factor: float  # finetune: all -> the pretrained body trains at lr * this (discriminative lrs)
+    head_epochs: int = at_least(0)  # fastai's fine_tune: with finetune all, first this many epochs train only the head
+    head_lr: float = above(0)  # ... at this peak lr (on cached activations when feature_cache)
+    epochs: int = at_least(1)  # passes over the training images (or their cached activations) with `finetune`
+    epoch_images: int = at_least(0)  # an epoch on images draws at most this many (a new draw each epoch); 0: all
+    batch_size: int = at_least(1)  # images per optimiser step (CUDA: the largest that fits)
+    lr: float = above(0)  # peak learning rate of the one-cycle schedule (head, or the dense block)
+    body_lr_factor: float = interval("(0, 1]")  # finetune: all -> the pretrained body trains at lr * this
     keep: Literal["best", "last"]  # the epoch whose weights are kept: lowest validation log loss, or the last
     refit: bool  # then train again on train + valid up to that epoch: the submitted model (validated: the first)
-    weight_decay: float  # AdamW decoupled weight decay
-    warmup: float  # fraction of the steps spent warming up to the peak lr
-    seed: int  # same seed on CPU -> same weights
-    workers: int  # DataLoader worker processes (JPEG decoding); 0 = in the main process
+    weight_decay: float = interval("[0, 1)")  # AdamW decoupled weight decay
+    warmup: float = interval("[0, 1)")  # fraction of the steps spent warming up to the peak lr
+    seed: int = at_least(0)  # same seed on CPU -> same weights
+    workers: int = at_least(0)  # DataLoader worker processes (JPEG decoding); 0 = in the main process
     device: Literal["auto", "cpu", "cuda"]  # auto: CUDA when available, else CPU
     feature_cache: bool  # head/dense without augment: train on the frozen layers' cached activations
     compile: bool  # torch.compile the network (CUDA: worth it for long runs; minutes of warm-up)
@@ -42,15 +52,20 @@ class TrainParams:
 
 @dataclass(frozen=True)
 class FeaturesParams:
-    batch_size: int  # images per forward pass of the frozen layers
-    workers: int  # DataLoader worker processes (JPEG decoding)
+    batch_size: int = at_least(1)  # images per forward pass of the frozen layers
+    workers: int = at_least(0)  # DataLoader worker processes (JPEG decoding)
 
 
 @dataclass(frozen=True)
 class LrFindParams:
-    steps: int  # mini-batches in the sweep (fewer when the loss blows up first)
-    start_lr: float  # the sweep's first learning rate ...
-    end_lr: float  # ... and its last, growing exponentially in between
+    steps: int = at_least(1)  # mini-batches in the sweep (fewer when the loss blows up first)
+    start_lr: float = above(0)  # the sweep's first learning rate ...
+    end_lr: float = above(0)  # ... and its last, growing exponentially in between
+
+    def conflict(self) -> str | None:
+        if self.end_lr <= self.start_lr:
+            return f"end_lr ({self.end_lr}) must be > start_lr ({self.start_lr})"
+        return None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -76,12 +91,14 @@ def load_member(name: str | None, path: str | Path = PARAMS_FILE) -> TrainParams
         if name not in members:
             raise ConfigError(f"{path}: no member '{name}' in members (there are: {', '.join(members)})")
         if not isinstance(train, dict):
-            raise ConfigError(f"train: expected a mapping, got {type(train).__name__}")
+            raise ConfigError(f"{path}: train: expected a mapping, got {type(train).__name__}")
         unknown = sorted(set(members[name]) - {f.name for f in dataclasses.fields(TrainParams)})
         if unknown:
-            raise ConfigError(f"members.{name}: unknown key(s) {', '.join(unknown)}: a member overrides train's keys")
+            raise ConfigError(
+                f"{path}: members.{name}: unknown key(s) {', '.join(unknown)}: a member overrides train's keys"
+            )
         train = {**train, **members[name]}
-    return from_dict(TrainParams, train, "train" if name is None else f"train + members.{name}")
+    return from_dict(TrainParams, train, f"{path}: train" if name is None else f"{path}: train + members.{name}")
 
 
 def _members(data: dict, path: str | Path) -> dict[str, dict]:
@@ -92,9 +109,9 @@ def _members(data: dict, path: str | Path) -> dict[str, dict]:
     for name, overrides in members.items():
         if not isinstance(name, str) or not MEMBER_NAME.fullmatch(name) or name in RESERVED_MEMBERS:
             raise ConfigError(
-                f"members: {name!r} is not a usable name: lower-case letters, digits, _ and -, at most 40, "
+                f"{path}: members: {name!r} is not a usable name: lower-case letters, digits, _ and -, at most 40, "
                 f"not {' or '.join(sorted(RESERVED_MEMBERS))}"
             )
         if not isinstance(overrides, dict):
-            raise ConfigError(f"members.{name}: expected a mapping of train keys (or {{}}), got {overrides!r}")
+            raise ConfigError(f"{path}: members.{name}: expected a mapping of train keys (or {{}}), got {overrides!r}")
     return members
