@@ -1,4 +1,4 @@
-"""Request read timeouts and a connection bound for the uvicorn server that BentoML 1.4 runs each worker on.
+"""Read timeouts, a connection bound and cancelled request timers for the uvicorn server of each BentoML 1.4 worker.
 
 uvicorn times out nothing while a request comes in: its only timer is keep-alive's, which the first byte of a request
 cancels, so a client that sends a header byte every few seconds (slowloris) or stops in the middle of its body holds
@@ -15,16 +15,22 @@ httptools), as three small wrappers installed by `guard_connections` (the API wo
 - uvicorn's own `limit_concurrency` (read from the protocol) answers a request 503 while the worker has more than
   `max_connections` connections: here with a JSON body that says so, and Retry-After.
 
+Also `CancelledTimeouts`: BentoML's request timeout middleware with its timer cancelled once the request is answered
+(installed by `cancel_request_timeouts` at import of the service).
+
 tests/test_service.py's test_stalled_requests_are_closed_and_connections_past_the_bound_get_503 fails once this module
 no longer applies (httptools installed, uvicorn's protocol renamed); `guard_connections` refuses to start then.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 
 import h11
+from bentoml._internal.server.http import traffic
+from starlette.responses import JSONResponse
 from uvicorn.protocols.http import auto, h11_impl
 
 log = logging.getLogger("bentoml.dogs_vs_cats")
@@ -109,3 +115,40 @@ def busy(max_connections: int):
         await send({"type": "http.response.body", "body": body, "more_body": False})
 
     return service_unavailable
+
+
+class CancelledTimeouts(traffic.TimeoutMiddleware):
+    """BentoML 1.4's request timeout (`traffic.timeout`, 504 past it), with its timer cancelled when the request
+    is answered. BentoML's own leaves the timer in the event loop until it fires, holding the request's context
+    (its OpenTelemetry span) meanwhile: ~4.5 KB per request for `traffic.timeout` seconds, so 120,000 GETs in
+    90 s took the API worker from 290 to 840 MB (issue 24, found by bench/load_test.py's made-up paths)."""
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            return await self.app(scope, receive, send)
+        loop = asyncio.get_running_loop()
+        waiter = loop.create_future()
+        timer = loop.call_later(self.timeout, self._set_timer_out, waiter)
+
+        async def answered(message) -> None:
+            if not waiter.done():
+                waiter.set_result(None)
+            await send(message)
+
+        task = asyncio.ensure_future(self.app(scope, receive, answered))
+        try:
+            await waiter
+        except TimeoutError:
+            if task.cancel():
+                error = {"error": f"Not able to process the request in {self.timeout} seconds"}
+                await JSONResponse(error, status_code=504)(scope, receive, send)
+        else:
+            await task
+        finally:
+            timer.cancel()
+
+
+def cancel_request_timeouts() -> None:
+    """Put CancelledTimeouts where BentoML's app factory imports its timeout middleware from (when it builds the
+    app, after the service module is imported)."""
+    traffic.TimeoutMiddleware = CancelledTimeouts

@@ -47,7 +47,7 @@ from pipeline.data import ImageError, auto_variant, decoded_pixels, load_image, 
 from pipeline.params.package import PackageParams
 from pipeline.params.serve import ServeParams
 from serving import metrics_labels
-from serving.connections import guard_connections
+from serving.connections import cancel_request_timeouts, guard_connections
 from serving.tempdir import remove_worker_tempdir, use_worker_tempdir
 
 log = logging.getLogger("bentoml.dogs_vs_cats")  # under "bentoml": BentoML's log handlers show it
@@ -382,6 +382,7 @@ class NoCorkOptimizer(bentoml_dispatcher.Optimizer):
 # read when the model service builds its dispatcher, after importing this module; bentoml is pinned below 1.5
 bentoml_dispatcher.Optimizer = NoCorkOptimizer
 metrics_labels.install()  # /metrics labelled by route: a made-up path is no new series (issue 24)
+cancel_request_timeouts()  # a request's timer goes when it is answered, not traffic.timeout later (issue 24)
 
 
 # runner_connection: BentoML 1.4's client to this service replaces its connection pool every 100 requests,

@@ -38,6 +38,7 @@ from pipeline.evaluate import log_loss
 from pipeline.params.export import ExportParams
 from pipeline.params.serve import ServeParams
 from pipeline.variants import judge_variant
+from serving.connections import CancelledTimeouts
 from serving.metrics_labels import UNKNOWN_PATH, RouteLabelledMetrics
 from serving.service import BadUpload, DogsVsCats, FormCheck, upload_limits
 from serving.smoke import api_worker, free_port, proc_status, start, stop, wait_ready
@@ -722,6 +723,36 @@ LABELS = {"/made-up": UNKNOWN_PATH, "/a/b/c": UNKNOWN_PATH, "/classify": "/class
 def test_metrics_are_labelled_by_route_and_the_app_sees_the_real_path(path, label):
     labels, seen = labels_and_seen_path(RouteLabelledMetrics, path)
     assert labels == {label} and seen == [path]
+
+
+def timers_left(middleware_class, requests: int) -> int:
+    """The event loop's live timers after `requests` requests answered at once through `middleware_class`."""
+
+    async def app(scope, receive, send):
+        await send({"type": "http.response.start", "status": 404, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    async def send(message):
+        pass
+
+    async def main() -> int:
+        middleware = middleware_class(app, timeout=120)
+        for _ in range(requests):
+            await middleware({"type": "http", "path": "/made-up"}, None, send)
+        return sum(not h.cancelled() for h in asyncio.get_running_loop()._scheduled)
+
+    return asyncio.run(main())
+
+
+def test_bentoml_still_keeps_each_request_timer_until_it_fires():
+    """serving/connections.py's CancelledTimeouts works around this: once it fails, the class can go."""
+    assert timers_left(CancelledTimeouts.__bases__[0], 50) == 50
+
+
+def test_a_request_timer_goes_when_the_request_is_answered():
+    """Each held the request's context (its span) for traffic.timeout: 120,000 GETs in 90 s took the API worker
+    from 290 to 840 MB."""
+    assert timers_left(CancelledTimeouts, 50) == 0
 
 
 @pytest.mark.slow
