@@ -134,6 +134,15 @@ def served(tmp_path_factory):
     shutil.rmtree(tmp)  # a model, its ONNX and the store's copy: ~2 GB
 
 
+def own_store(served: dict, dest: Path) -> dict:
+    """The served fixture's env with a BENTOML_HOME of its own at `dest` (the store's files hard-linked): two servers
+    on one BENTOML_HOME share its Prometheus folder, which each clears at start, taking the served fixture's metrics
+    from the tests after this one."""
+    shutil.copytree(Path(served["env"]["BENTOML_HOME"]), dest, copy_function=os.link,
+                    ignore=shutil.ignore_patterns("prometheus*"))  # fmt: skip
+    return {**served["env"], "BENTOML_HOME": str(dest)}
+
+
 @pytest.fixture
 def demo_zip(tmp_path) -> Path:
     """A competition zip of 20 cats, 20 dogs and 10 test images, Kaggle's layout."""

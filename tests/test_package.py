@@ -1,8 +1,6 @@
 """The package stage and the service's start against a missing or unwritable BentoML store."""
 
 import json
-import os
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -11,7 +9,7 @@ import requests
 import yaml
 
 from serving.smoke import free_port, start, stop, wait_ready
-from tests.conftest import BIN, ROOT, tool_env
+from tests.conftest import BIN, ROOT, own_store, tool_env
 from tests.test_data import write_tiny_onnx
 
 
@@ -176,13 +174,8 @@ sys.path[:] = [p for p in sys.path if p.rstrip("/") != {root!r}]  # the venv ins
 def test_the_built_bento_serves_from_its_own_src(served, tmp_path):
     """`bentoml build` packages the service with every module it imports (bentofile.yaml's include): served from the
     bento alone, with this checkout off the path, it answers /classify as the service in the checkout does."""
-    # a store of its own (the served one's files, hard-linked): two servers on one BENTOML_HOME share, and clear at
-    # start, its Prometheus folder, which would take the shared server's metrics from the tests after this one
     store = tmp_path / "bentoml"
-    shutil.copytree(Path(served["env"]["BENTOML_HOME"]), store, copy_function=os.link,
-                    ignore=shutil.ignore_patterns("prometheus*"))  # fmt: skip
-    env = {k: v for k, v in served["env"].items() if k != "DOGSCATS_PARAMS"}  # the bento's own params.yaml
-    env["BENTOML_HOME"] = str(store)
+    env = {k: v for k, v in own_store(served, store).items() if k != "DOGSCATS_PARAMS"}  # the bento's own params
     build = [str(BIN / "bentoml"), "build", "-o", "tag"]
     done = subprocess.run(build, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

@@ -42,7 +42,7 @@ from serving.connections import CancelledTimeouts
 from serving.metrics_labels import UNKNOWN_PATH, RouteLabelledMetrics
 from serving.service import BadUpload, DogsVsCats, FormCheck, upload_limits
 from serving.smoke import api_worker, free_port, proc_status, start, stop, wait_ready
-from tests.conftest import MAX_BYTES, MAX_PIXELS, ROOT, run
+from tests.conftest import MAX_BYTES, MAX_PIXELS, ROOT, own_store, run
 
 
 def encode(img: Image.Image, fmt: str, **kw) -> bytes:
@@ -402,7 +402,7 @@ def test_concurrent_clients_share_batches(served):
 @pytest.mark.slow
 def test_make_serve_runs_in_the_foreground_and_stops_on_ctrl_c(served, tmp_path):
     port = free_port()
-    env = {**served["env"], "PORT": str(port)}  # HOST: 127.0.0.1 by default; the served fixture's model store
+    env = {**own_store(served, tmp_path / "bentoml"), "PORT": str(port)}  # HOST: 127.0.0.1 by default
     with open(tmp_path / "make-serve.log", "w") as log:
         proc = subprocess.Popen(
             ["make", "serve"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
@@ -590,7 +590,7 @@ def test_idle_latency_comes_back_after_a_burst(served, tmp_path):
         return min(times)
 
     with open(tmp_path / "serve.log", "w") as log:
-        proc = start(port, served["env"], log)
+        proc = start(port, own_store(served, tmp_path / "bentoml"), log)
         try:
             wait_ready(url, proc)
             for _ in range(3):  # BentoML's batching trains its latency model on the first ~11 requests
@@ -879,7 +879,11 @@ def fresh_server(served, tmp_path: Path, tmp: Path, **serve):
     params = yaml.safe_load((served["tmp"] / "params.yaml").read_text())
     params["serve"].update(serve)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    env = {**served["env"], "DOGSCATS_PARAMS": str(tmp_path / "params.yaml"), "TMPDIR": str(tmp)}
+    env = {
+        **own_store(served, tmp_path / "bentoml"),
+        "DOGSCATS_PARAMS": str(tmp_path / "params.yaml"),
+        "TMPDIR": str(tmp),
+    }
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     with open(tmp_path / "serve.log", "w") as log:
