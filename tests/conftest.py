@@ -153,6 +153,18 @@ def demo_zip(tmp_path) -> Path:
     return path
 
 
+def changed_params(changes: dict) -> dict:
+    """The committed params.yaml with `changes` ({"section.key": value})."""
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for dotted, value in changes.items():
+        node = params
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node[key]
+        node[leaf] = value
+    return params
+
+
 def make_project(dest: Path, params_update: dict) -> Path:
     """A git + DVC project in `dest` with this project's code and a params.yaml changed by `params_update`."""
     dest.mkdir(parents=True, exist_ok=True)
@@ -162,14 +174,7 @@ def make_project(dest: Path, params_update: dict) -> Path:
         shutil.copy(ROOT / name, dest / name)
     (dest / "downloads").mkdir()  # a dependency of fetch: the browser zip's home
     shutil.copy(ROOT / "downloads" / ".gitignore", dest / "downloads" / ".gitignore")
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    for dotted, value in params_update.items():
-        node = params
-        *parents, leaf = dotted.split(".")
-        for key in parents:
-            node = node[key]
-        node[leaf] = value
-    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (dest / "params.yaml").write_text(yaml.safe_dump(changed_params(params_update), sort_keys=False))
     git = lambda *args: subprocess.run(["git", *args], cwd=dest, check=True, capture_output=True)  # noqa: E731
     git("init", "-q")
     git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty", "-m", "init")

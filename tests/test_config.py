@@ -5,7 +5,7 @@ from pipeline.config import ConfigError, from_dict, load_params
 from pipeline.params.fetch import FetchParams
 from pipeline.params.prepare import PrepareParams
 from pipeline.params.train import TrainParams, load_member, member_names
-from tests.conftest import ROOT
+from tests.conftest import ROOT, changed_params
 
 
 def test_project_params_load():
@@ -119,18 +119,6 @@ def test_a_wrong_member_is_a_clear_error(tmp_path, members, message):
 # --- ranges: every field of every section has one; a params error ends a stage with one line ----------------
 
 
-def params_with(changes: dict) -> dict:
-    """The committed params.yaml with `changes` ({"section.key": value}; a value of DELETE removes the key)."""
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    for dotted, value in changes.items():
-        node = params
-        *parents, leaf = dotted.split(".")
-        for key in parents:
-            node = node[key]
-        node[leaf] = value
-    return params
-
-
 def load_every_section(path):
     """Load each section of params.yaml at `path` as the stages do."""
     from pipeline.params.train import LrFindParams
@@ -177,7 +165,7 @@ def load_every_section(path):
 )
 def test_a_value_out_of_its_range_is_an_error_naming_the_key_and_the_file(tmp_path, key, value, message):
     path = tmp_path / "params.yaml"
-    path.write_text(yaml.safe_dump(params_with({key: value})))
+    path.write_text(yaml.safe_dump(changed_params({key: value})))
     with pytest.raises(ConfigError, match=f"^{path}: {message}"):
         load_every_section(path)
 
@@ -217,7 +205,7 @@ def test_the_committed_params_the_makefiles_recipes_and_the_tests_params_pass_th
               "serve.max_bytes": 300_000, "serve.max_pixels": 4_000_000, "serve.max_latency_ms": 20000}  # fmt: skip
     for changes in [{}, *recipes.values(), TINY_DEMO, served]:
         path = tmp_path / "params.yaml"
-        path.write_text(yaml.safe_dump(params_with(changes)))
+        path.write_text(yaml.safe_dump(changed_params(changes)))
         load_every_section(path)
 
 
@@ -266,7 +254,7 @@ def test_a_params_error_ends_the_stage_with_one_line_naming_the_key(tmp_path, mo
     import re
     import subprocess
 
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params_with(changes)))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(changed_params(changes)))
     cmd = stage_command(module, tmp_path)
     if module in ("train", "features", "lr_find") and "members" in changes:
         cmd += ["--member", "a/b"]
