@@ -34,7 +34,7 @@ OFFLINE_VALID ?= 250
 OFFLINE_PARAMS = fetch.source=$(ZIP_PATH) prepare.valid_per_class=$(OFFLINE_VALID) prepare.valid_fraction=0.1 \
 	train.arch=efficientnet_lite0 train.epoch_images=8000 \
 	train.weights=imagenet train.image_size=0 train.finetune=all train.augment=true train.min_scale=0.75 \
-	train.freeze_bn=true train.head_epochs=8 train.head_lr=0.002 train.epochs=2 train.lr=0.0005 \
+	train.freeze_bn=true train.frozen_groups=3 train.head_epochs=8 train.head_lr=0.002 train.epochs=2 train.lr=0.0005 \
 	train.body_lr_factor=0.1 train.precision=auto predict.tta=true $(OFFLINE_MEMBER)
 # `make offline-ensemble ZIP=...`: the same recipe for three members, EfficientNet-Lite0, -Lite1 and -Lite2 (each at
 # its own 224/240/260 px) and OFFLINE_PARAMS' 2 unfrozen epochs at 5e-4, the recipe it was measured with, their
@@ -45,7 +45,7 @@ ENSEMBLE = '~members' '+members={lite0:{arch:efficientnet_lite0},lite1:{arch:eff
 DEMO_PARAMS = fetch.source=demo prepare.valid_per_class=150 prepare.valid_fraction=0.0 train.epoch_images=0 \
 	train.weights=none train.image_size=128 \
 	train.lr=0.01 train.epochs=40 train.arch=vgg16 train.finetune=head train.augment=false train.head_epochs=0 \
-	train.head_lr=0.002 train.body_lr_factor=0.1 train.min_scale=0.35 train.freeze_bn=false train.precision=fp32 \
+	train.head_lr=0.002 train.body_lr_factor=0.1 train.min_scale=0.35 train.freeze_bn=false train.frozen_groups=0 train.precision=fp32 \
 	predict.tta=false \
 	'members={model:{}}'
 

@@ -208,13 +208,45 @@ def is_trainable(name: str, prefix: str) -> bool:
     return prefix == "" or name == prefix or name.startswith(prefix + ".")
 
 
-def param_groups(model: nn.Module, arch: str, finetune: str, lr: float, body_lr_factor: float) -> list[dict]:
-    """Freeze what `finetune` leaves alone; returns optimiser groups. With `all`, the pretrained body trains
-    at `lr * body_lr_factor` and what `dense` would train at `lr` (discriminative learning rates)."""
+def layer_groups(model: nn.Module) -> list[list[str]]:
+    """The model's parameter names in layer groups, input first (fastai's layer groups): timm's own
+    `group_matcher` (the stem, then each stage of blocks), else the top-level children that hold parameters."""
+    if hasattr(model, "group_matcher"):
+        from timm.models import group_parameters
+
+        groups = group_parameters(model, model.group_matcher(coarse=True))
+        return [groups[k] for k in sorted(groups)]
+    children = ((name, list(child.named_parameters())) for name, child in model.named_children())
+    return [[f"{name}.{p}" for p, _ in params] for name, params in children if params]
+
+
+def frozen_names(model: nn.Module, arch: str, finetune: str, frozen_groups: int) -> set[str]:
+    """The parameters that `finetune: all` leaves frozen: the body's first `frozen_groups` layer groups (the stem and
+    early stages, which run at the highest resolution: their backward pass is the costliest, their filters the most
+    generic)."""
+    if finetune != "all" or frozen_groups == 0:
+        return set()
+    dense = trainable_module(model, arch, "dense")
+    body = [g for g in layer_groups(model) if not any(is_trainable(name, dense) for name in g)]
+    if frozen_groups >= len(body):
+        raise WeightsError(
+            f"train.frozen_groups {frozen_groups} would freeze all of {arch}'s body ({len(body)} layer groups): "
+            f"use at most {len(body) - 1}, or train.finetune: head"
+        )
+    return {name for g in body[:frozen_groups] for name in g}
+
+
+def param_groups(
+    model: nn.Module, arch: str, finetune: str, lr: float, body_lr_factor: float, frozen_groups: int = 0
+) -> list[dict]:
+    """Freeze what `finetune` leaves alone (with `all`, the body's first `frozen_groups` layer groups too); returns
+    optimiser groups. With `all`, the pretrained body trains at `lr * body_lr_factor` and what `dense` would train
+    at `lr` (discriminative learning rates)."""
     prefix, top = trainable_module(model, arch, finetune), trainable_module(model, arch, "dense")
+    frozen = frozen_names(model, arch, finetune, frozen_groups)
     head, body = [], []
     for name, p in model.named_parameters():
-        p.requires_grad = is_trainable(name, prefix)
+        p.requires_grad = is_trainable(name, prefix) and name not in frozen
         if p.requires_grad:
             (head if is_trainable(name, top) else body).append(p)
     groups = [{"params": head, "lr": lr, "name": "head"}]
@@ -223,12 +255,15 @@ def param_groups(model: nn.Module, arch: str, finetune: str, lr: float, body_lr_
     return groups
 
 
-def set_train_mode(model: nn.Module, arch: str, finetune: str, freeze_bn: bool = False) -> None:
-    """Train mode for what trains; frozen layers stay in eval mode (no dropout, BatchNorm statistics fixed).
-    `freeze_bn`: BatchNorm layers keep their ImageNet running statistics even where the weights train."""
+def set_train_mode(model: nn.Module, arch: str, finetune: str, freeze_bn: bool = False, frozen_groups: int = 0) -> None:
+    """Train mode for what trains; frozen layers (`frozen_groups` too) stay in eval mode (no dropout, BatchNorm
+    statistics fixed). `freeze_bn`: BatchNorm layers keep their ImageNet running statistics even where the weights
+    train."""
     prefix = trainable_module(model, arch, finetune)
     model.eval()
     (model.get_submodule(prefix) if prefix else model).train()
+    for name in frozen_names(model, arch, finetune, frozen_groups):
+        model.get_submodule(name.rpartition(".")[0]).eval()
     if freeze_bn:
         for m in model.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm):

@@ -29,7 +29,15 @@ from PIL import Image
 from pipeline.config import load_params, setup_logging
 from pipeline.data import preprocess
 from pipeline.features import cache_applies
-from pipeline.model import build_model, native_bf16, pick_device, preprocessing, set_train_mode, use_bf16
+from pipeline.model import (
+    build_model,
+    native_bf16,
+    param_groups,
+    pick_device,
+    preprocessing,
+    set_train_mode,
+    use_bf16,
+)
 from pipeline.params.fetch import FetchParams
 from pipeline.params.predict import PredictParams
 from pipeline.params.prepare import PrepareParams
@@ -130,7 +138,8 @@ def member_speeds(p: TrainParams, device: torch.device) -> dict[str, float]:
     bf16 = use_bf16(p.precision, device)
     x = torch.randn(p.batch_size, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 2, (p.batch_size,), device=device)
-    optimizer = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-6)
+    # what an unfrozen epoch trains: everything but the frozen layer groups
+    optimizer = torch.optim.AdamW(param_groups(model, p.arch, "all", 1e-6, 1.0, p.frozen_groups))
 
     def train_step() -> None:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
@@ -149,7 +158,7 @@ def member_speeds(p: TrainParams, device: torch.device) -> dict[str, float]:
 
     speeds = {}
     if any(not on_cache(p, finetune) for finetune, _, _ in phases(p)):  # a phase trains on images
-        set_train_mode(model, p.arch, "all", p.freeze_bn)
+        set_train_mode(model, p.arch, "all", p.freeze_bn, p.frozen_groups)
         speeds["train"] = timed(train_step) / p.batch_size
     model.eval()
     speeds["forward"] = timed(forward(bf16)) / p.batch_size
@@ -175,7 +184,10 @@ def member_plan(p: TrainParams, n: Counts, speeds: dict, decode: float, tta: boo
         else:
             drawn = min(n.train, p.epoch_images or n.train)  # train.epoch_images: a draw of them each epoch
             per_epoch = drawn * (speeds["train"] + decode) + n.valid * fwd
-            what = f"{finetune}: {epochs} epochs at lr {lr:g} on {drawn} images, {per_epoch / 60:.1f} min each"
+            frozen = ""
+            if finetune == "all" and p.frozen_groups:
+                frozen = f", its first {p.frozen_groups} layer groups frozen"
+            what = f"{finetune}{frozen}: {epochs} epochs at lr {lr:g} on {drawn} images, {per_epoch / 60:.1f} min each"
             plan.append(("train", what, epochs * per_epoch))
     if p.refit:
         plan.append(("train", "refit on train + valid", sum(s for st, _, s in plan if st == "train") * 1.2))

@@ -52,6 +52,7 @@ from pipeline.model import (
     WeightsError,
     autocast,
     build_model,
+    frozen_names,
     is_trainable,
     param_groups,
     pick_device,
@@ -241,14 +242,15 @@ def fresh_model(p: TrainParams, device: torch.device) -> nn.Module:
     torch.manual_seed(p.seed)
     try:
         model = build_model(p.arch, p.weights)
-    except WeightsError as e:  # offline without the ImageNet file, or a bad train.weights path
+        frozen_names(model, p.arch, p.finetune, p.frozen_groups)  # train.frozen_groups must leave a body to train
+    except WeightsError as e:  # offline without the ImageNet file, a bad train.weights path, too many frozen groups
         raise SystemExit(str(e)) from None
     return model.to(device, memory_format=torch.channels_last)
 
 
 def make_optimizer(model: nn.Module, p: TrainParams, finetune: str, lr: float, steps: int):
     """AdamW over what `finetune` trains (freezing the rest) and its one-cycle schedule over `steps`."""
-    groups = param_groups(model, p.arch, finetune, lr, p.body_lr_factor)
+    groups = param_groups(model, p.arch, finetune, lr, p.body_lr_factor, p.frozen_groups)
     optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=p.weight_decay)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=[g["lr"] for g in groups], total_steps=steps, pct_start=p.warmup, anneal_strategy="cos"
@@ -380,7 +382,7 @@ def train_phase(run: Run, live, phase: int, first: int) -> None:
     )
     for epoch in range(max(run.epochs_done, first), first + epochs):
         t0 = time.perf_counter()
-        set_train_mode(run.model, p.arch, finetune, p.freeze_bn)
+        set_train_mode(run.model, p.arch, finetune, p.freeze_bn, p.frozen_groups)
         left = first + epochs - epoch if epoch == max(run.epochs_done, first) else 0  # the phase's first epoch here
         train_loss = train_one_epoch(
             net, train_loader, optimizer, scheduler, run.device, f"{finetune} epoch {epoch + 1}", run.bf16, left
@@ -429,7 +431,7 @@ def refit(run: Run) -> nn.Module:
         optimizer, scheduler = make_optimizer(model, p, finetune, lr, epochs * len(loader))
         for epoch in range(first, min(first + epochs, stop)):
             t0 = time.perf_counter()
-            set_train_mode(model, p.arch, finetune, p.freeze_bn)
+            set_train_mode(model, p.arch, finetune, p.freeze_bn, p.frozen_groups)
             desc = f"refit {finetune} epoch {epoch + 1}"
             loss = train_one_epoch(net, loader, optimizer, scheduler, run.device, desc, run.bf16)
             log.info("refit epoch %d/%d on %d images (%s)  train_loss %.4f  %.0fs",

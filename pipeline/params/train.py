@@ -29,6 +29,8 @@ class TrainParams:
     image_size: int = zero_or_at_least(32)  # side of the network's centre crop; 0: the weights' own (224, lite1 240)
     augment: bool  # random resized crop + horizontal flip on training images
     min_scale: float = interval("(0, 1]")  # ... the crop covers at least this fraction of the image's area
+    frozen_groups: int = at_least(0)  # finetune all: the body's first this many layer groups (stem, early stages) stay
+    # frozen; their backward pass at the highest resolution is the costliest part of a CPU training step
     freeze_bn: bool  # BatchNorm keeps its pretrained running statistics while the body trains (small data sets)
     head_epochs: int = at_least(0)  # fastai's fine_tune: with finetune all, first this many epochs train only the head
     head_lr: float = above(0)  # ... at this peak lr (on cached activations when feature_cache)
