@@ -6,6 +6,7 @@ demo set packaged into a temporary BENTOML_HOME, and `bentoml serve` on 127.0.0.
 
 import asyncio
 import contextlib
+import inspect
 import io
 import json
 import os
@@ -21,12 +22,14 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from http import HTTPStatus
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import requests
 import yaml
 from _bentoml_impl.server.mount import PassiveMount
+from bentoml._internal.marshal import dispatcher
 from PIL import Image
 from starlette.applications import Starlette
 from starlette.routing import Route
@@ -40,8 +43,11 @@ from pipeline.params.serve import ServeParams
 from pipeline.variants import judge_variant
 from serving.connections import CancelledTimeouts
 from serving.metrics_labels import UNKNOWN_PATH, RouteLabelledMetrics
-from serving.service import BadUpload, DogsVsCats, FormCheck, upload_limits
+from serving.no_cork import NoCorkOptimizer
+from serving.photos import PhotoDecoder
+from serving.service import DogsVsCats
 from serving.smoke import api_worker, free_port, proc_status, start, stop, wait_ready
+from serving.upload_guard import BadUpload, FormCheck, upload_limits
 from tests.conftest import MAX_BYTES, MAX_PIXELS, ROOT, own_store, run
 
 
@@ -83,9 +89,9 @@ BAD = {  # name -> (files for requests, expected status, words in the error)
 
 
 @pytest.fixture
-def service():
-    svc = object.__new__(DogsVsCats.inner)  # the class behind the decorator, without loading a model
-    svc.meta = {
+def photos():
+    """The API worker's upload decoder, for a 32 px model with the served model's upload limits."""
+    meta = {
         "image_size": 32,
         "resize_size": 37,
         "interpolation": "bilinear",
@@ -93,23 +99,22 @@ def service():
         "std": (0.229, 0.224, 0.225),
         "classes": ("cats", "dogs"),
     }
-    svc.dog = 1
-    return svc
+    serve = SimpleNamespace(max_bytes=MAX_BYTES, max_pixels=MAX_PIXELS, max_request_pixels=4 * MAX_PIXELS)
+    return PhotoDecoder(serve, meta)
 
 
 @pytest.mark.parametrize("name", [n for n in BAD if n != "body over the guard"])  # the guard is HTTP only
-def test_bad_uploads_are_refused_with_a_message(service, tmp_path, monkeypatch, name):
-    monkeypatch.setattr("serving.service.SERVE", type("S", (), {"max_bytes": MAX_BYTES, "max_pixels": MAX_PIXELS}))
+def test_bad_uploads_are_refused_with_a_message(photos, tmp_path, name):
     files, status, words = BAD[name]
     upload = tmp_path / "upload"
     upload.write_bytes(files["image"][1])
     with pytest.raises(BadUpload) as e:
-        service.load(upload, "image")
+        photos.load(upload, "image")
     assert e.value.status == status and words in str(e.value)
     assert str(upload) not in str(e.value)  # server paths stay private
 
 
-def test_odd_formats_become_rgb_model_inputs(service, tmp_path):
+def test_odd_formats_become_rgb_model_inputs(photos, tmp_path):
     base = photo()
     variants = {
         "gif": encode(base.convert("P"), "GIF"),
@@ -121,11 +126,11 @@ def test_odd_formats_become_rgb_model_inputs(service, tmp_path):
     for name, data in variants.items():
         path = tmp_path / name.replace(" ", "_")
         path.write_bytes(data)
-        x = service.load(path, "image")
+        x = photos.load(path, "image")
         assert x.shape == (3, 32, 32) and x.dtype == np.float32 and np.isfinite(x).all(), name
 
 
-def test_exif_rotation_is_applied(service, tmp_path):
+def test_exif_rotation_is_applied(photos, tmp_path):
     upright = photo((90, 60))
     exif = Image.Exif()
     exif[0x0112] = 6  # orientation: stored rotated, display turned 90 degrees clockwise
@@ -133,11 +138,12 @@ def test_exif_rotation_is_applied(service, tmp_path):
     (tmp_path / "tagged.png").write_bytes(encode(stored, "PNG", exif=exif))
     (tmp_path / "upright.png").write_bytes(encode(upright, "PNG"))
     np.testing.assert_array_equal(
-        service.load(tmp_path / "tagged.png", "image"), service.load(tmp_path / "upright.png", "image")
+        photos.load(tmp_path / "tagged.png", "image"), photos.load(tmp_path / "upright.png", "image")
     )
 
 
-def test_answer_shape(service):
+def test_answer_shape():
+    service = DogsVsCats.inner  # the class behind the decorator: answer is a static method
     assert service.answer(np.float64(0.8)) == {"label": "dog", "p_dog": 0.8, "p_cat": pytest.approx(0.2)}
     assert service.answer(0.1)["label"] == "cat"
 
@@ -173,12 +179,11 @@ MALFORMED = {  # name -> (endpoint, Content-Type, body, expected status, words i
 
 
 @pytest.mark.parametrize("name", [n for n, case in MALFORMED.items() if case[1].startswith("multipart/form-data;")])
-def test_form_check_refuses_a_malformed_body_while_it_streams(monkeypatch, name):
-    monkeypatch.setattr("serving.service.SERVE", type("S", (), {"max_bytes": MAX_BYTES}))
+def test_form_check_refuses_a_malformed_body_while_it_streams(name):
     endpoint, content_type, body, status, words = MALFORMED[name]
     boundary = content_type.split("boundary=")[1].encode()
     field, parts = ("image", 1) if endpoint == "classify" else ("images", 32)
-    check = FormCheck(boundary, field, parts)
+    check = FormCheck(boundary, field, parts, MAX_BYTES)
     with pytest.raises(BadUpload) as e:
         for i in range(0, len(body), 100):  # chunk by chunk, as a body arrives
             check.write(body[i : i + 100])
@@ -186,9 +191,8 @@ def test_form_check_refuses_a_malformed_body_while_it_streams(monkeypatch, name)
     assert e.value.status == status and words in str(e.value)
 
 
-def test_form_check_stops_a_part_at_the_byte_limit(monkeypatch):
-    monkeypatch.setattr("serving.service.SERVE", type("S", (), {"max_bytes": MAX_BYTES}))
-    check = FormCheck(b"AAA", "images", 32)
+def test_form_check_stops_a_part_at_the_byte_limit():
+    check = FormCheck(b"AAA", "images", 32, MAX_BYTES)
     check.write(form_part("images", b"x" * MAX_BYTES))  # at the limit: fine
     check.write(form_part("images", b"x" * MAX_BYTES)[:-200])  # over at once, before the part ends
     with pytest.raises(BadUpload) as e:
@@ -747,6 +751,20 @@ def timers_left(middleware_class, requests: int) -> int:
 def test_bentoml_still_keeps_each_request_timer_until_it_fires():
     """serving/connections.py's CancelledTimeouts works around this: once it fails, the class can go."""
     assert timers_left(CancelledTimeouts.__bases__[0], 50) == 50
+
+
+def test_bentoml_still_corks_idle_requests_with_the_mean_queue_wait():
+    """serving/no_cork.py works around this: BentoML's optimizer sets its cork wait to the mean queue wait of the last
+    batches, and its dispatcher holds a lone request back until it has waited that long. Once this fails, the module
+    can go."""
+    assert "self.optimizer.wait" in inspect.getsource(dispatcher.CorkDispatcher)
+    upstream, ours = NoCorkOptimizer.__bases__[0](10.0), NoCorkOptimizer(10.0)
+    for optimizer in (upstream, ours):
+        for i in range(20):  # batches of 1 to 8 images, each 0.1 s an image, whose first request waited 1.3 s
+            optimizer.o_stat.append((1 + i % 8, 0.05 + 0.1 * (1 + i % 8), 1.3))
+        optimizer.trigger_refresh()
+    assert upstream.wait == pytest.approx(1.3)  # a lone request after the burst waits 1.3 s, and logs it again
+    assert ours.wait == 0 and (ours.o_a, ours.o_b) == (upstream.o_a, upstream.o_b)  # the latency fit is kept
 
 
 def test_a_request_timer_goes_when_the_request_is_answered():
