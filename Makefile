@@ -27,7 +27,9 @@ KAGGLE_PARAMS = fetch.source=$(if $(ZIP),$(ZIP_PATH),kaggle) prepare.valid_per_c
 # bench/refit_check.py). Its one member, Lite0, trains 4 unfrozen epochs at 3e-4: of four recipes, the lowest
 # validation log loss (bench/README.md). At the competition's size: 10% of each class validates (at least 250), an
 # unfrozen epoch draws 8,000 of the training photos (its time stops growing with the data past that), and
-# features and training run under bf16 autocast on CPUs with AVX512_BF16 or AMX (train.precision auto).
+# features and training run under bf16 autocast on CPUs with AVX512_BF16 or AMX (train.precision auto). The body's
+# first 3 layer groups (the stem and the first two stages) stay frozen while it fine-tunes (train.frozen_groups: their
+# backward pass at 112 px is the costliest part of a CPU step; bench/cpu_step.py).
 # `python -m pipeline.plan` prints the plan and an estimate of its time first.
 OFFLINE_MEMBER = '~members' '+members={model:{epochs:4,lr:0.0003}}'
 OFFLINE_VALID ?= 250

@@ -125,9 +125,9 @@ def main(argv=None) -> None:
     for name, (bf16, cl) in variants.items():
         fmt = torch.channels_last if cl else torch.contiguous_format
         model = build_model(args.arch, args.weights).to(memory_format=fmt)
-        set_train_mode(model, args.arch, "all", freeze_bn=True)
-        opt = torch.optim.AdamW(param_groups(model, args.arch, "all", 3e-4, 0.1), lr=3e-4)
-        trunk = frozen_part(build_model(args.arch, args.weights).to(memory_format=fmt).eval(), args.arch, "head")
+        set_train_mode(model, "all", freeze_bn=True)
+        opt = torch.optim.AdamW(param_groups(model, "all", 3e-4, 0.1), lr=3e-4)
+        trunk = frozen_part(build_model(args.arch, args.weights).to(memory_format=fmt).eval(), "head")
         xi = x.contiguous(memory_format=fmt)
         setups[name] = (model, opt, trunk, xi, bf16)
         train_step(model, opt, xi, y, bf16)  # warm-up: oneDNN picks its kernels

@@ -75,14 +75,14 @@ def train_step(finetune: str, size: int, device: torch.device):
     frozen or not. The batch's tensors are kept while its size stays the same (timing), remade when it
     changes (the largest-batch search)."""
     model = build_model("vgg16", "none").to(device, memory_format=torch.channels_last)
-    opt = torch.optim.AdamW(param_groups(model, "vgg16", finetune, 1e-4, 0.1), lr=1e-4)
+    opt = torch.optim.AdamW(param_groups(model, finetune, 1e-4, 0.1), lr=1e-4)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
     data: list = []
 
     def step(batch: int) -> int:
         if not data or len(data[0][1]) != batch:
             data[:] = [(torch.randn(batch, 3, size, size), torch.randint(0, 2, (batch,)))]
-        set_train_mode(model, "vgg16", finetune)
+        set_train_mode(model, finetune)
         train_one_epoch(model, data, opt, sched, device, desc=finetune)
         return batch
 
@@ -134,7 +134,7 @@ def head_cached_img_s(bs: int, device, n: int = 8192) -> float:
 
 @torch.no_grad()
 def features_img_s(bs: int, size: int, device, seconds: float, warmup: int) -> float:
-    trunk = frozen_part(build_model("vgg16", "none").to(device, memory_format=torch.channels_last), "vgg16", "head")
+    trunk = frozen_part(build_model("vgg16", "none").to(device, memory_format=torch.channels_last), "head")
     x = torch.randn(bs, 3, size, size)
 
     def step() -> int:

@@ -108,10 +108,9 @@ def write_cache(data: Path, out: Path, p: TrainParams, fp: FeaturesParams) -> di
     torch.manual_seed(p.seed)  # the same random weights as train builds (weights: none)
     try:
         model = build_model(p.arch, p.weights)
-    except WeightsError as e:  # offline without the ImageNet file, or a bad train.weights path
+        trunk = frozen_part(model.to(device, memory_format=torch.channels_last), cache_cut(p))
+    except WeightsError as e:  # offline without the ImageNet file, a bad train.weights path, dense without one
         raise SystemExit(str(e)) from None
-    model = model.to(device, memory_format=torch.channels_last)
-    trunk = frozen_part(model, p.arch, cache_cut(p))
     pre = preprocessing(p.arch, p.image_size)
     t0 = time.perf_counter()
     for split in SPLITS:

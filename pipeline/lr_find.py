@@ -109,9 +109,9 @@ def main(argv=None) -> None:
     finetune = cache_cut(p) if cache is not None else phases(p)[0][0]  # what train trains first
     gen = torch.Generator().manual_seed(p.seed)
     train_loader, _ = make_loaders(args.data, cache, p, preprocessing(p.arch, p.image_size), device, gen)
-    net = trainable_part(model, p.arch, finetune) if cache is not None else model
-    set_train_mode(model, p.arch, finetune, p.freeze_bn, p.frozen_groups)
-    groups = param_groups(model, p.arch, finetune, 1.0, p.body_lr_factor, p.frozen_groups)  # lr 1: each group's factor
+    net = trainable_part(model, finetune) if cache is not None else model
+    set_train_mode(model, finetune, p.freeze_bn, p.frozen_groups)
+    groups = param_groups(model, finetune, 1.0, p.body_lr_factor, p.frozen_groups)  # lr 1: each group's factor
     for g in groups:
         g["lr_factor"] = g["lr"]
     optimizer = torch.optim.AdamW(groups, lr=lp.start_lr, weight_decay=p.weight_decay)

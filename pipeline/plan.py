@@ -139,7 +139,7 @@ def member_speeds(p: TrainParams, device: torch.device) -> dict[str, float]:
     x = torch.randn(p.batch_size, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 2, (p.batch_size,), device=device)
     # what an unfrozen epoch trains: everything but the frozen layer groups
-    optimizer = torch.optim.AdamW(param_groups(model, p.arch, "all", 1e-6, 1.0, p.frozen_groups))
+    optimizer = torch.optim.AdamW(param_groups(model, "all", 1e-6, 1.0, p.frozen_groups))
 
     def train_step() -> None:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
@@ -158,7 +158,7 @@ def member_speeds(p: TrainParams, device: torch.device) -> dict[str, float]:
 
     speeds = {}
     if any(not on_cache(p, finetune) for finetune, _, _ in phases(p)):  # a phase trains on images
-        set_train_mode(model, p.arch, "all", p.freeze_bn, p.frozen_groups)
+        set_train_mode(model, "all", p.freeze_bn, p.frozen_groups)
         speeds["train"] = timed(train_step) / p.batch_size
     model.eval()
     speeds["forward"] = timed(forward(bf16)) / p.batch_size

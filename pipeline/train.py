@@ -198,16 +198,16 @@ def atomic_save(obj, path: Path) -> None:
     atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
-def trained_state(model: nn.Module, arch: str, finetune: str) -> dict:
+def trained_state(model: nn.Module, finetune: str) -> dict:
     """The part of the state dict that `finetune` changes (a copy); the rest comes from the weights and the seed."""
-    prefix = trainable_module(model, arch, finetune)
+    prefix = trainable_module(model, finetune)
     return {k: v.detach().float().cpu().clone() for k, v in model.state_dict().items() if is_trainable(k, prefix)}
 
 
-def load_trained_state(model: nn.Module, state: dict, arch: str, finetune: str) -> None:
+def load_trained_state(model: nn.Module, state: dict, finetune: str) -> None:
     """Put a `trained_state` back; anything else missing must be a frozen layer."""
     missing, unexpected = model.load_state_dict(state, strict=False)
-    trained = [k for k in missing if is_trainable(k, trainable_module(model, arch, finetune))]
+    trained = [k for k in missing if is_trainable(k, trainable_module(model, finetune))]
     if trained or unexpected:
         raise SystemExit(f"checkpoint does not fit the model: missing {trained}, unexpected {unexpected}")
 
@@ -242,15 +242,16 @@ def fresh_model(p: TrainParams, device: torch.device) -> nn.Module:
     torch.manual_seed(p.seed)
     try:
         model = build_model(p.arch, p.weights)
-        frozen_names(model, p.arch, p.finetune, p.frozen_groups)  # train.frozen_groups must leave a body to train
-    except WeightsError as e:  # offline without the ImageNet file, a bad train.weights path, too many frozen groups
+        # an impossible train.finetune (dense without a dense block) or train.frozen_groups (no body left to train)
+        trainable_module(model, p.finetune), frozen_names(model, p.finetune, p.frozen_groups)
+    except WeightsError as e:  # offline without the ImageNet file, a bad train.weights path, or the above
         raise SystemExit(str(e)) from None
     return model.to(device, memory_format=torch.channels_last)
 
 
 def make_optimizer(model: nn.Module, p: TrainParams, finetune: str, lr: float, steps: int):
     """AdamW over what `finetune` trains (freezing the rest) and its one-cycle schedule over `steps`."""
-    groups = param_groups(model, p.arch, finetune, lr, p.body_lr_factor, p.frozen_groups)
+    groups = param_groups(model, finetune, lr, p.body_lr_factor, p.frozen_groups)
     optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=p.weight_decay)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=[g["lr"] for g in groups], total_steps=steps, pct_start=p.warmup, anneal_strategy="cos"
@@ -340,7 +341,7 @@ def resume(run: Run) -> None:
         log.info("ignoring %s: it belongs to other params or data", run.checkpoint)
         return
     run.epochs_done, run.history, run.best = ckpt["epoch"], same_keys(ckpt["history"]), ckpt["best"]
-    load_trained_state(run.model, ckpt["model"], run.p.arch, ckpt["finetune"])
+    load_trained_state(run.model, ckpt["model"], ckpt["finetune"])
     run.resumed = ckpt
     log.info("resuming from %s after epoch %d of %d", run.checkpoint, run.epochs_done, run.total)
 
@@ -360,7 +361,7 @@ def train_phase(run: Run, live, phase: int, first: int) -> None:
     train_loader, valid_loader = make_loaders(
         run.data, run.cache if on_cache else None, p, run.pre, run.device, run.gen
     )
-    net = trainable_part(run.model, p.arch, finetune) if on_cache else run.model
+    net = trainable_part(run.model, finetune) if on_cache else run.model
     if p.compile:
         net = torch.compile(net)  # compiles at the first batch (inductor: needs a C++ compiler on CPU)
         log.info("torch.compile: on (%s)", type(net).__name__)
@@ -382,7 +383,7 @@ def train_phase(run: Run, live, phase: int, first: int) -> None:
     )
     for epoch in range(max(run.epochs_done, first), first + epochs):
         t0 = time.perf_counter()
-        set_train_mode(run.model, p.arch, finetune, p.freeze_bn, p.frozen_groups)
+        set_train_mode(run.model, finetune, p.freeze_bn, p.frozen_groups)
         left = first + epochs - epoch if epoch == max(run.epochs_done, first) else 0  # the phase's first epoch here
         train_loss = train_one_epoch(
             net, train_loader, optimizer, scheduler, run.device, f"{finetune} epoch {epoch + 1}", run.bf16, left
@@ -392,13 +393,13 @@ def train_phase(run: Run, live, phase: int, first: int) -> None:
         log_epoch(live, metrics)
         if run.best is None or p.keep == "last" or metrics["valid_log_loss"] < run.best["valid_log_loss"]:
             run.best = {"epoch": epoch + 1, "valid_log_loss": metrics["valid_log_loss"], "finetune": finetune}
-            run.best["state"] = trained_state(run.model, p.arch, finetune)
+            run.best["state"] = trained_state(run.model, finetune)
         checkpoint = {
             "run_key": run.key,
             "epoch": epoch + 1,
             "phase": phase,
             "finetune": finetune,
-            "model": trained_state(run.model, p.arch, finetune),
+            "model": trained_state(run.model, finetune),
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "rng": rng_state(run.gen),
@@ -425,13 +426,13 @@ def refit(run: Run) -> nn.Module:
         loader, _ = make_loaders(
             run.data, run.cache if on_cache else None, p, run.pre, run.device, gen, ("train", "valid")
         )
-        net = trainable_part(model, p.arch, finetune) if on_cache else model
+        net = trainable_part(model, finetune) if on_cache else model
         net = torch.compile(net) if p.compile else net
         # the whole phase's schedule, so each epoch trains at the learning rates the kept run's epoch did
         optimizer, scheduler = make_optimizer(model, p, finetune, lr, epochs * len(loader))
         for epoch in range(first, min(first + epochs, stop)):
             t0 = time.perf_counter()
-            set_train_mode(model, p.arch, finetune, p.freeze_bn, p.frozen_groups)
+            set_train_mode(model, finetune, p.freeze_bn, p.frozen_groups)
             desc = f"refit {finetune} epoch {epoch + 1}"
             loss = train_one_epoch(net, loader, optimizer, scheduler, run.device, desc, run.bf16)
             log.info("refit epoch %d/%d on %d images (%s)  train_loss %.4f  %.0fs",
@@ -445,7 +446,7 @@ def kept_model(run: Run) -> nn.Module:
     p, best = run.p, run.best
     # a later phase changed more than the best epoch's phase trained, so rebuild from the weights
     model = fresh_model(p, run.device) if best["finetune"] != run.plan[-1][0] else run.model
-    load_trained_state(model, best["state"], p.arch, best["finetune"])
+    load_trained_state(model, best["state"], best["finetune"])
     log.info("keeping epoch %d (%s: validation log loss %.4f)", best["epoch"], p.keep, best["valid_log_loss"])
     return model
 

@@ -237,6 +237,22 @@ def test_precision_bench_times_fp32_and_bf16_with_and_without_channels_last(tmp_
 
 
 @pytest.mark.slow
+def test_cpu_step_bench_times_huge_pages_and_frozen_groups_each_in_its_own_process(tmp_path):
+    """bench/cpu_step.py, briefly (random weights, 32 px): the forward pass and the training step with 0 and 3 frozen
+    layer groups, each with THP_MEM_ALLOC_ENABLE 0 and 1, the ratios, the CPU's flags named."""
+    out = tmp_path / "cpu_step.json"
+    small = ["--weights", "none", "--image-size", "32", "--batch-size", "4", "--steps", "1", "--rounds", "1"]
+    ran(subprocess.run([sys.executable, str(ROOT / "bench" / "cpu_step.py"), *small, "--out", str(out)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=600))  # fmt: skip
+    figures = json.loads(out.read_text())
+    assert set(figures["img_s"]) == {
+        f"{what}, THP {thp}" for what in ("forward", "train, frozen_groups 0", "train, frozen_groups 3") for thp in "01"
+    }
+    assert all(v > 0 for v in figures["img_s"].values()) and all(v > 0 for v in figures["ratios"].values())
+    assert isinstance(figures["cpu"]["flags"], list) and figures["cpu"]["model"]
+
+
+@pytest.mark.slow
 def test_scale_cuts_a_kit_and_measures_make_offline_in_a_clone(demo_zip, tmp_path):
     """bench/scale.py on a kit of 50 demo photos cut to 44: a clone of HEAD runs `make offline` (EfficientNet-Lite0 on
     a few photos) with this venv; each stage's time and peak RSS, the disk, and the submission scored on the kit's

