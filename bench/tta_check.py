@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from the project root
 sys.path.insert(0, str(ROOT / "bench"))
 
-from pipeline.calibration import logit_difference  # noqa: E402
+from pipeline.calibration import logit_difference, sigmoid  # noqa: E402
 from pipeline.data import load_image, open_model, preprocess, read_metadata  # noqa: E402
 from pipeline.evaluate import best_clip, clip_curve, fit_temperature, log_loss  # noqa: E402
 
@@ -73,9 +73,9 @@ def calibrated_out_of_fold(z: np.ndarray, y: np.ndarray, folds: int = 5, seed: i
         fit = np.setdiff1d(order, held)
         two = np.stack([np.zeros_like(z), z], 1)
         t = fit_temperature(two[fit], y[fit])
-        p_fit = 1 / (1 + np.exp(-z[fit] / t))
+        p_fit = sigmoid(z[fit] / t)
         clip, _ = best_clip(clip_curve(p_fit, y[fit], 0.2, 0.0005))
-        p[held] = np.clip(1 / (1 + np.exp(-z[held] / t)), clip, 1 - clip)
+        p[held] = np.clip(sigmoid(z[held] / t), clip, 1 - clip)
     return log_loss(y, p), p
 
 
@@ -106,7 +106,7 @@ def main(argv=None) -> None:
         results[name] = {
             "views": views,
             "accuracy": float(np.mean((mean > 0) == y)),
-            "log_loss": log_loss(y, 1 / (1 + np.exp(-mean))),
+            "log_loss": log_loss(y, sigmoid(mean)),
             "log_loss_calibrated_out_of_fold": calibrated,
             "share_of_loss_in_worst_5": float(worst[:5].sum() / worst.sum()),
         }
@@ -125,12 +125,12 @@ def score_test(args, z: dict[str, np.ndarray], y: np.ndarray) -> dict:
     views = SETS[args.score_test]
     mean = np.mean([z[v] for v in views], 0)
     t = fit_temperature(np.stack([np.zeros_like(mean), mean], 1), y)
-    clip, _ = best_clip(clip_curve(1 / (1 + np.exp(-mean / t)), y, 0.2, 0.0005))
+    clip, _ = best_clip(clip_curve(sigmoid(mean / t), y, 0.2, 0.0005))
     labels = dict(np.loadtxt(args.labels, delimiter=",", skiprows=1, dtype=int))
     test = args.project / "data" / "prepared" / "test" / "unknown"
     paths = sorted(test.glob("*.jpg"), key=lambda p: int(p.stem))
     zt = view_logits(args.project / "models" / "onnx" / args.member, paths, views)
-    p = np.clip(1 / (1 + np.exp(-np.mean([zt[v] for v in views], 0) / t)), clip, 1 - clip)
+    p = np.clip(sigmoid(np.mean([zt[v] for v in views], 0) / t), clip, 1 - clip)
     yt = np.array([labels[int(p.stem)] for p in paths])
     return {"set": args.score_test, "n": len(yt), "temperature": t, "clip": clip,
             "accuracy": float(np.mean((p > 0.5) == yt)), "log_loss": log_loss(yt, p)}  # fmt: skip

@@ -35,13 +35,17 @@ def error(status: HTTPStatus, message: str, headers: dict | None = None) -> JSON
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
+def max_parts(serve: ServeParams) -> dict[str, int]:
+    """Endpoint -> the files one request may hold."""
+    return {"/classify": 1, "/classify_batch": serve.max_batch_images}
+
+
 def upload_limits(serve: ServeParams) -> tuple[dict[str, int], int]:
     """From the serve params: the largest body each upload endpoint takes, and the body bytes that all requests of
     one API worker may hold at once (spooled to disk past SPOOL_BYTES each, and BentoML spools its own copy while
     it parses): two full batches; a request that would go over gets 503. A longer body cannot pass FormCheck: it
     gets 413 from its Content-Length alone, before it counts against the in-flight bytes."""
-    parts = {"/classify": 1, "/classify_batch": serve.max_batch_images}
-    max_body = {path: n * serve.max_bytes + (n + 1) * PART_SLACK for path, n in parts.items()}
+    max_body = {path: n * serve.max_bytes + (n + 1) * PART_SLACK for path, n in max_parts(serve).items()}
     return max_body, 2 * max_body["/classify_batch"]
 
 
@@ -169,7 +173,7 @@ class UploadGuard:
     def __init__(self, app, serve: ServeParams):
         self.app = app
         self.max_body, self.in_flight_bytes = upload_limits(serve)
-        self.max_parts = {"/classify": 1, "/classify_batch": serve.max_batch_images}  # endpoint -> files a request
+        self.max_parts = max_parts(serve)
         self.max_bytes = serve.max_bytes
         self.in_flight = 0  # body bytes the requests of this worker hold now (one event loop: no lock)
 
