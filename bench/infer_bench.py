@@ -5,7 +5,7 @@
 onnxruntime-gpu is installed, else the ort_ rows run on the CPU and `ort_provider` says so), shaped
 `{"torch_fp32": {"1": img_s, "8": img_s, "32": img_s}, "ort_fp32": {...}, "ort_int8": {...},
 "latency_ms": {...}, "device": ..., versions}`, and prints a table. The ONNX files are
-made by the pipeline's own `pipeline.export` functions (dynamo export, static QDQ int8 quantization) from
+made by the pipeline's own `pipeline.stages.export` functions (dynamo export, static QDQ int8 quantization) from
 a random-init VGG16: speed does not depend on the weights. Calibration uses random images, which sets
 the int8 ranges but not the speed. Each figure: a warm-up call, then `--rounds` calls interleaved with
 the other backends'; images/s from the fastest call, latency the median. Compare figures within one
@@ -31,9 +31,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from the project root
 
 from pipeline.data import make_session  # noqa: E402
-from pipeline.export import export_onnx, onnx_metadata  # noqa: E402
 from pipeline.files import atomic_write_text  # noqa: E402
 from pipeline.model import CLASSES, build_model, preprocessing  # noqa: E402
+from pipeline.stages.export import export_onnx, onnx_metadata  # noqa: E402
 from pipeline.variants import convert_fp16, quantize_int8  # noqa: E402
 
 BATCHES = (1, 8, 32)

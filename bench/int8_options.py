@@ -5,7 +5,7 @@ bench/results/int8_options_<member>.json] [--options s8s8_minmax_64 u8s8_minmax_
 after `dvc repro`; the model is by default the one the service serves (package.member, or the best member on
 validation in metrics/blend.json), the paths relative to the current folder.
 
-Exports the checkpoint to fp32 ONNX as `pipeline.export` does, pre-processes it once as
+Exports the checkpoint to fp32 ONNX as `pipeline.stages.export` does, pre-processes it once as
 `pipeline.variants.quantize_int8` does, then quantizes it once per option in `OPTIONS` (QDQ, per-channel
 weights, Softmax in float, as the pipeline's recipe) and scores each on the whole validation set: log loss
 and accuracy as `variants.score_variants` computes them, the rise over fp32, and how many images change
@@ -41,11 +41,11 @@ sys.path.insert(0, str(ROOT))  # run as a script from the project root
 
 from pipeline.config import load_params  # noqa: E402
 from pipeline.data import MODEL_FILE, VARIANT_FILES, make_session  # noqa: E402
-from pipeline.export import export_onnx, onnx_metadata  # noqa: E402
 from pipeline.files import atomic_write_text  # noqa: E402
 from pipeline.model import load_model  # noqa: E402
-from pipeline.package import choose_member  # noqa: E402
 from pipeline.params.package import PackageParams  # noqa: E402
+from pipeline.stages.export import export_onnx, onnx_metadata  # noqa: E402
+from pipeline.stages.package import choose_member  # noqa: E402
 from pipeline.variants import CalibrationImages, finish_variant, valid_set  # noqa: E402
 
 log = logging.getLogger("int8_options")

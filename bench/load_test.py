@@ -87,7 +87,7 @@ def package_model(stage_args: list[str], params: Path, home: Path) -> dict:
     """The package stage run into the store at `home` (in a child: bentoml reads BENTOML_HOME at import), as
     `dvc repro package` runs it: {"path", "labels", "metadata"} of the model stored, the calibration included."""
     code = (
-        "import json, sys, bentoml; from pipeline import package; package.main(sys.argv[2:]); "
+        "import json, sys, bentoml; from pipeline.stages import package; package.main(sys.argv[2:]); "
         "m = bentoml.models.get(json.loads(open(sys.argv[1]).read())['tag']); "
         "print(json.dumps({'path': m.path, 'labels': m.info.labels, 'metadata': m.info.metadata}))"
     )

@@ -47,6 +47,8 @@ def run_timed(cmd: list[str], cwd: Path, log_path: Path) -> None:
     """Run `cmd` with the project's venv first on PATH (dvc stages call `python`), its output timestamped into
     `log_path` (seconds since the start, then the line)."""
     env = {**os.environ, "PATH": f"{cwd / '.venv' / 'bin'}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
+    # its own BentoML store: the default one (~/bentoml) is every checkout's, and `package` would change what they serve
+    env["BENTOML_HOME"] = str(cwd.parent / f"{cwd.name}.bentoml")
     t0 = time.perf_counter()
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -82,7 +82,9 @@ def quality(zip_path: Path) -> dict:
         (tmp / "params.yaml").write_text(yaml.safe_dump(params))
         data = ["--data", str(tmp / "prepared")]
         prepare = ["--zip", str(zip_path), "--out", data[1], "--metrics", str(tmp / "prepare.json")]
-        subprocess.run([*py, "pipeline.prepare", *prepare, "--params", str(tmp / "params.yaml")], check=True, cwd=ROOT)
+        subprocess.run(
+            [*py, "pipeline.stages.prepare", *prepare, "--params", str(tmp / "params.yaml")], check=True, cwd=ROOT
+        )
         for precision in ("fp32", "bf16"):
             params["train"].update(HEAD_RECIPE, precision=precision)
             work = tmp / precision
@@ -90,12 +92,14 @@ def quality(zip_path: Path) -> dict:
             (work / "params.yaml").write_text(yaml.safe_dump(params))
             p = ["--params", str(work / "params.yaml")]
             t0 = time.perf_counter()
-            subprocess.run([*py, "pipeline.features", *data, "--out", str(work / "features"), *p], check=True, cwd=ROOT)
+            subprocess.run(
+                [*py, "pipeline.stages.features", *data, "--out", str(work / "features"), *p], check=True, cwd=ROOT
+            )
             seconds = time.perf_counter() - t0
-            subprocess.run([*py, "pipeline.train", *data, "--features", str(work / "features"),
+            subprocess.run([*py, "pipeline.stages.train", *data, "--features", str(work / "features"),
                             "--model", str(work / "model.pt"), "--checkpoint", str(work / "ckpt.pt"), "--live",
                             str(work / "live"), *p], check=True, cwd=ROOT)  # fmt: skip
-            subprocess.run([*py, "pipeline.evaluate", *data, "--model", str(work / "model.pt"),
+            subprocess.run([*py, "pipeline.stages.evaluate", *data, "--model", str(work / "model.pt"),
                             "--metrics", str(work / "evaluate.json"), "--plots", str(work / "plots"), *p], check=True,
                            cwd=ROOT)  # fmt: skip
             chosen = json.loads((work / "evaluate.json").read_text())

@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))  # run as a script from the project root
 from pipeline.demo import make_image  # noqa: E402
 from pipeline.params.fetch import DemoParams  # noqa: E402
 from pipeline.params.prepare import PrepareParams  # noqa: E402
-from pipeline.prepare import prepare  # noqa: E402
+from pipeline.stages.prepare import prepare  # noqa: E402
 
 PHOTOS = ROOT.parent / "shared" / "data" / "real-photos-200px"
 

@@ -36,9 +36,9 @@ from torchvision.datasets import ImageFolder  # noqa: E402
 
 from pipeline.calibration import Calibration  # noqa: E402
 from pipeline.config import load_params  # noqa: E402
-from pipeline.evaluate import evaluate, log_loss, softmax  # noqa: E402
 from pipeline.model import eval_transform, load_model, predict_logits  # noqa: E402
 from pipeline.params.evaluate import EvaluateParams  # noqa: E402
+from pipeline.scoring import evaluate, log_loss, softmax  # noqa: E402
 
 
 def nested_split(prepared: Path, out: Path, holdout: int, seed: int) -> dict:
@@ -88,8 +88,8 @@ def main(argv=None) -> None:
     py, p = str(args.project / ".venv" / "bin" / "python"), ["--member", "model", "--params", str(work / "params.yaml")]
     t0 = time.perf_counter()
     for cmd in (
-        ["-m", "pipeline.features", "--data", str(work / "prepared"), "--out", str(work / "features"), *p],
-        ["-m", "pipeline.train", "--data", str(work / "prepared"), "--features", str(work / "features"),
+        ["-m", "pipeline.stages.features", "--data", str(work / "prepared"), "--out", str(work / "features"), *p],
+        ["-m", "pipeline.stages.train", "--data", str(work / "prepared"), "--features", str(work / "features"),
          "--model", str(work / "model.pt"), "--checkpoint", str(work / "ckpt.pt"), "--live", str(work / "live"), *p],
     ):  # fmt: skip
         subprocess.run([py, *cmd], cwd=args.project, check=True)

@@ -4,10 +4,12 @@
 each size, a kit in Kaggle's layout is cut from the 22k kit (cats and dogs in equal numbers, train and test in
 the kit's own 20,000 : 2,500 proportion, the test labels beside it), this repository's HEAD is cloned into a
 temporary folder and `make offline ZIP=<kit>` runs there with this checkout's venv (nothing installed). Measured:
-each stage's wall time (DVC's "Running stage" lines), its peak RSS (the stage's process and its DataLoader
-workers, summed, sampled every second: shared pages count once per process, so an upper bound), the workspace and
-DVC cache on disk afterwards (the venv aside), and the submission scored once against the kit's test labels.
-Writes bench/results/scale.json (with the CPU and its instruction set) and prints a table.
+each stage's wall time (DVC's "Running stage" lines), its peak memory sampled every second, two ways: the RSS of the
+stage's process and its DataLoader workers summed (pages a forked worker shares with its parent count twice: an upper
+bound) and their PSS summed (each shared page split among the processes that map it: what the stage holds), the
+workspace and DVC cache on disk afterwards (the venv aside), and the submission scored once against the kit's test
+labels. `--whole-test --sizes 2000`: 2,000 training photos, scored on the whole test set (the issue's small-data
+target). Writes bench/results/scale.json (with the CPU and its instruction set) and prints a table.
 """
 
 from __future__ import annotations
@@ -41,16 +43,17 @@ ZIP_NAME = "dogs-vs-cats-redux-kernels-edition.zip"
 PHOTO = re.compile(r"(?:.*/)?(cat|dog)\.(\d+)\.jpg$")
 
 
-def cut_kit(source: Path, labels: Path, photos: int, dest: Path) -> tuple[Path, Path]:
+def cut_kit(source: Path, labels: Path, photos: int, dest: Path, whole_test: bool = False) -> tuple[Path, Path]:
     """A competition zip of `photos` photos cut from `source` (the same train : test proportion, half cats and half
-    dogs in train, the first test ids), and its test labels; `source` itself when it has that many."""
+    dogs in train, the first test ids), and its test labels; `source` itself when it has that many. `whole_test`:
+    `photos` training photos and the whole test set."""
     with zipfile.ZipFile(source) as outer, outer.open("train.zip") as f, zipfile.ZipFile(f) as train:
         names = [n for n in train.namelist() if PHOTO.match(n)]
         n_test = len(pd.read_csv(labels))
-        if photos >= len(names) + n_test:
+        if photos >= len(names) + (0 if whole_test else n_test):
             return source, labels
-        per_class = round(photos * len(names) / (len(names) + n_test) / 2)
-        keep_test = photos - 2 * per_class
+        per_class = photos // 2 if whole_test else round(photos * len(names) / (len(names) + n_test) / 2)
+        keep_test = n_test if whole_test else photos - 2 * per_class
         by_class = {"cat": [], "dog": []}
         for n in sorted(names, key=lambda n: int(PHOTO.match(n)[2])):
             by_class[PHOTO.match(n)[1]].append(n)
@@ -79,12 +82,13 @@ def inner_zip(source: zipfile.ZipFile, names: list[str]) -> bytes:
 
 
 class PeakRss(threading.Thread):
-    """Samples, every second, the RSS of each pipeline stage under `pid` (`python -m pipeline.<stage>` and its
-    children, summed); `peaks` maps the stage's command (module and member) to its highest sum, in bytes."""
+    """Samples, every second, the memory of each pipeline stage under `pid` (`python -m pipeline.stages.<stage>` and its
+    children, summed); `peaks` maps the stage's command (module and member) to its highest RSS sum, `pss_peaks` to its
+    highest PSS sum, in bytes."""
 
     def __init__(self, pid: int):
         super().__init__(daemon=True)
-        self.root, self.peaks, self.done = psutil.Process(pid), {}, threading.Event()
+        self.root, self.peaks, self.pss_peaks, self.done = psutil.Process(pid), {}, {}, threading.Event()
 
     def run(self) -> None:
         while not self.done.wait(1.0):
@@ -97,13 +101,17 @@ class PeakRss(threading.Thread):
                     cmd = proc.cmdline()
                     if "-m" not in cmd or not cmd[cmd.index("-m") + 1].startswith("pipeline."):
                         continue
-                    stage = cmd[cmd.index("-m") + 1].removeprefix("pipeline.")
+                    stage = cmd[cmd.index("-m") + 1].removeprefix("pipeline.").removeprefix("stages.")
+                    stage = stage.removeprefix("tools.")
                     if "--member" in cmd:
                         stage += f"@{cmd[cmd.index('--member') + 1]}"
-                    rss = proc.memory_info().rss + sum(c.memory_info().rss for c in proc.children(recursive=True))
+                    tree = [proc, *proc.children(recursive=True)]
+                    rss = sum(p.memory_info().rss for p in tree)
+                    pss = sum(p.memory_full_info().pss for p in tree)  # /proc/<pid>/smaps_rollup
                 except (psutil.NoSuchProcess, psutil.AccessDenied, ValueError, IndexError):
                     continue
                 self.peaks[stage] = max(self.peaks.get(stage, 0), rss)
+                self.pss_peaks[stage] = max(self.pss_peaks.get(stage, 0), pss)
 
 
 def du(path: Path, skip: tuple[str, ...] = (), seen: set | None = None) -> int:
@@ -122,9 +130,11 @@ def du(path: Path, skip: tuple[str, ...] = (), seen: set | None = None) -> int:
     return total
 
 
-def run_make(project: Path, kit: Path, venv: Path, extra: list[str], log_path: Path) -> dict[str, int]:
-    """`make offline ZIP=kit` in `project` with `venv`, timestamped into `log_path`; the stages' peak RSS."""
+def run_make(project: Path, kit: Path, venv: Path, extra: list[str], log_path: Path) -> PeakRss:
+    """`make offline ZIP=kit` in `project` with `venv`, timestamped into `log_path`; the stages' peak memory."""
     env = {**os.environ, "PATH": f"{venv / 'bin'}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
+    # its own BentoML store: the default one (~/bentoml) is every checkout's, and `package` would change what they serve
+    env["BENTOML_HOME"] = str(project.parent / f"{project.name}.bentoml")
     cmd = ["make", "offline", f"ZIP={kit}", f"VENV={venv}", *extra]
     t0 = time.perf_counter()
     with open(log_path, "w") as log:
@@ -139,11 +149,13 @@ def run_make(project: Path, kit: Path, venv: Path, extra: list[str], log_path: P
         log.write(f"{time.perf_counter() - t0:8.1f} (exit {rc})\n")
     if rc != 0:
         raise SystemExit(f"make offline failed (rc {rc}); see {log_path}")
-    return sampler.peaks
+    return sampler
 
 
 def one_size(photos: int, args, work: Path) -> dict:
-    kit, labels = cut_kit(args.kit / ZIP_NAME, args.kit / "test_labels.csv", photos, work / f"kit-{photos}")
+    kit, labels = cut_kit(
+        args.kit / ZIP_NAME, args.kit / "test_labels.csv", photos, work / f"kit-{photos}", args.whole_test
+    )
     project = work / f"project-{photos}"
     subprocess.run(["git", "clone", "--quiet", str(ROOT), str(project)], check=True)
     # this checkout's venv, as installed: make's stamps stay newer than the clone's pyproject.toml
@@ -151,15 +163,17 @@ def one_size(photos: int, args, work: Path) -> dict:
     (args.venv / ".offline").touch()
     log_path = work / f"offline-{photos}.log"
     print(f"{photos} photos: make offline in {project} (log: {log_path})", flush=True)
-    peaks = run_make(project, kit, args.venv, args.make_args, log_path)
+    memory = run_make(project, kit, args.venv, args.make_args, log_path)
     total, stages = timings(log_path)
     blend = json.loads((project / "metrics" / "blend.json").read_text())
     result = {
         "photos": photos,
+        "sizes_count": "training photos, the test set whole" if args.whole_test else "train + test photos",
         "zip_bytes": kit.stat().st_size,
         "seconds": round(total, 1),
         "stage_seconds": stages,
-        "stage_peak_rss_bytes": peaks,
+        "stage_peak_rss_bytes": memory.peaks,
+        "stage_peak_pss_bytes": memory.pss_peaks,
         "workspace_bytes": du(project, skip=(".dvc", ".venv", ".git")),
         "dvc_cache_bytes": du(project / ".dvc" / "cache") if (project / ".dvc" / "cache").exists() else 0,
         # both together, a file DVC hard-linked into the workspace counted once
@@ -173,6 +187,7 @@ def one_size(photos: int, args, work: Path) -> dict:
     result["disk_vs_zip"] = result["disk_bytes"] / result["zip_bytes"]
     if not args.keep:
         shutil.rmtree(project)
+        shutil.rmtree(project.parent / f"{project.name}.bentoml", ignore_errors=True)
     return result
 
 
@@ -196,9 +211,11 @@ def plot(results: dict, path: Path) -> None:
     ax_t.set(xlabel="photos in the kit (train + test)", ylabel="minutes", title="make offline: time by stage")
     ax_t.legend(fontsize=7)
     gib = [max(r["stage_peak_rss_bytes"].values()) / 2**30 for r in runs]
+    pss = [max(r.get("stage_peak_pss_bytes", {0: float("nan")}).values()) / 2**30 for r in runs]
     disk = [r["disk_bytes"] / 2**30 for r in runs]
     zips = [r["zip_bytes"] / 2**30 for r in runs]
-    ax_m.plot(photos, gib, "o-", label="peak RSS of a stage")
+    ax_m.plot(photos, gib, "o-", label="peak RSS of a stage (workers' shared pages counted twice)")
+    ax_m.plot(photos, pss, "o--", label="peak PSS of a stage")
     ax_m.plot(photos, disk, "s-", label="workspace + DVC cache")
     ax_m.plot(photos, [4 * z for z in zips], "k:", label="4 x the zip (the bound)")
     ax_m.set(xlabel="photos", ylabel="GiB", title="memory and disk", ylim=(0, None))
@@ -214,6 +231,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--kit", type=Path, default=KIT, help="a folder with the competition zip and test_labels.csv")
     parser.add_argument("--sizes", type=int, nargs="+", default=[4000, 10000, 22500], help="photos, train + test")
+    parser.add_argument("--whole-test", action="store_true", help="--sizes count training photos; the test set whole")
     parser.add_argument("--venv", type=Path, default=ROOT / ".venv", help="a venv with the project installed")
     parser.add_argument("--make-args", nargs="*", default=[], help="more make variables, e.g. OFFLINE_VALID=1000")
     parser.add_argument("--work", type=Path, help="where the kits and clones go (default: a temporary folder)")
@@ -245,8 +263,9 @@ def main(argv=None) -> None:
         plot(results, args.out.with_suffix(".svg"))
     for r in results["runs"]:
         peak = max(r["stage_peak_rss_bytes"].values(), default=0) / 2**30
+        pss = max(r.get("stage_peak_pss_bytes", {}).values(), default=float("nan")) / 2**30
         test = f"test {r['test']['accuracy']:.4f} / {r['test']['log_loss']:.4f}"
-        print(f"{r['photos']:6d} photos: {r['seconds'] / 60:5.1f} min, peak RSS {peak:.1f} GiB, disk "
+        print(f"{r['photos']:6d} photos: {r['seconds'] / 60:5.1f} min, peak RSS {peak:.1f} GiB (PSS {pss:.1f}), disk "
               f"{r['disk_vs_zip']:.1f}x the zip, {test}")  # fmt: skip
 
 

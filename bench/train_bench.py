@@ -49,7 +49,7 @@ from pipeline.model import (  # noqa: E402
     to_device,
 )
 from pipeline.params.fetch import DemoParams  # noqa: E402
-from pipeline.train import ArrayDataset, train_one_epoch  # noqa: E402
+from pipeline.training import ArrayDataset, train_one_epoch  # noqa: E402
 
 
 def timed(fn, seconds: float, warmup: int, device: torch.device) -> tuple[float, int]:

@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from pipeline.calibration import logit_difference, sigmoid  # noqa: E402
 from pipeline.data import load_image, open_model, preprocess, read_metadata  # noqa: E402
-from pipeline.evaluate import best_clip, clip_curve, fit_temperature, log_loss  # noqa: E402
+from pipeline.scoring import best_clip, clip_curve, fit_temperature, log_loss  # noqa: E402
 
 SETS = {  # name -> views averaged
     "none": ["centre"],
@@ -65,7 +65,8 @@ def view_logits(onnx_dir: Path, paths: list[Path], names: list[str], batch: int 
 
 
 def calibrated_out_of_fold(z: np.ndarray, y: np.ndarray, folds: int = 5, seed: int = 0) -> tuple[float, np.ndarray]:
-    """Log loss of P(dog) with temperature and clip fitted on the other folds (evaluate's search), and those P."""
+    """Log loss of P(dog) with temperature and clip fitted on the other folds
+    (pipeline.scoring's search, as evaluate runs it), and those P."""
     order = np.random.default_rng(seed).permutation(len(y))
     p = np.empty(len(y))
     for k in range(folds):

@@ -1,9 +1,8 @@
-"""The DVC pipeline's stages and the library they share.
+"""The DVC pipeline's stages (pipeline/stages/), the make targets' helpers (pipeline/tools/) and the library they share.
 
-PyTorch's CPU allocator maps each tensor over 2 MB afresh, and a batch's activations (a 64 x 96 x 112 x 112 float
-tensor is 308 MB) faulted in 4 KB at a time kept the 2 cores half in the kernel: EfficientNet-Lite0's forward pass
-ran 2.4x faster with THP_MEM_ALLOC_ENABLE=1, PyTorch's switch for transparent huge pages on large allocations
-(bench/README.md). Set here, before any stage imports torch; a value set by the user is kept.
+PyTorch's CPU allocator maps each large tensor afresh, and a batch's activations faulted in 4 KB pages keep the cores
+in the kernel: THP_MEM_ALLOC_ENABLE=1, PyTorch's switch for transparent huge pages on large allocations, is set here,
+before any stage imports torch (a value set by the user is kept; its effect is measured in bench/README.md).
 """
 
 import os

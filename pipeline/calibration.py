@@ -1,10 +1,10 @@
 """From the ONNX model's softmax to the P(dog) the submission holds: TTA, temperature and clip, in one place.
 
-Not a stage: `predict` (the submission), `package` (which stores this contract with the served model) and
-`serving/service.py` (which applies it) import it, so the service's probability is the submission's by
-construction. `Calibration.chosen` reads what `evaluate` or `blend` fitted on validation; `Calibration.p_dog`
-applies it to logits; `model_logits` runs a model, with flip TTA, to the logit that calibration scales. numpy
-only (no torch, no scipy): the bento ships it.
+Not a stage: `predict` (the submission), `package` (which stores this contract with the served model) and the
+service (serving/store.py reads it back, serving/service.py applies it) import it, so the service's probability is
+the submission's by construction. `Calibration.chosen` reads what `evaluate` or `blend` fitted on validation;
+`Calibration.p_dog` applies it to logits; `model_logits` runs a model on the TTA views (pipeline/tta.py) to the
+logit that calibration scales. numpy only (no torch, no scipy): the bento ships it.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from pipeline import tta as views
 
 
 class CalibrationError(ValueError):
@@ -35,33 +37,36 @@ def logit_difference(probs: np.ndarray, dog: int) -> np.ndarray:
     return np.log(p[:, dog]) - np.log(p[:, 1 - dog])
 
 
-def model_logits(session, meta: dict, x: np.ndarray, tta: bool) -> np.ndarray:
-    """z_dog - z_cat (float64) for a batch x (N, 3, H, W) on an ONNX Runtime session; with `tta`, the mean of the
-    image's and its mirror's (as evaluate computes the validation set's, so the calibration fitted there fits)."""
-    if tta:
-        x = np.concatenate([x, x[..., ::-1]])  # one call: the mirrors fill the same batch
-    probs = session.run([meta["output_name"]], {meta["input_name"]: np.ascontiguousarray(x, dtype=np.float32)})[0]
-    z = logit_difference(probs, meta["classes"].index("dogs"))
-    return (z[: len(z) // 2] + z[len(z) // 2 :]) / 2 if tta else z
+def model_logits(session, meta: dict, x: np.ndarray, tta) -> np.ndarray:
+    """z_dog - z_cat (float64) for a batch x (N, 3, H, W), or (N, K, 3, H, W) with K crops, on an ONNX Runtime
+    session: the mean over the views `tta` makes (pipeline/tta.py), as evaluate computes the validation set's, so the
+    calibration fitted there fits."""
+    dog = meta["classes"].index("dogs")
+    run = lambda v: logit_difference(session.run([meta["output_name"]], {meta["input_name"]: v})[0], dog)  # noqa: E731
+    return views.mean_over_views(run, x, tta)
 
 
 @dataclass(frozen=True)
 class Calibration:
-    """How a logit becomes the submitted P(dog): flip TTA or not (fixed before the calibration was fitted, since it
-    was fitted on TTA'd logits), a temperature (None: none) and a clip to [clip, 1 - clip]."""
+    """How a logit becomes the submitted P(dog): the TTA views averaged (`predict.tta`, fixed before the calibration
+    was fitted, since it was fitted on their mean), a temperature (None: none) and a clip to [clip, 1 - clip]."""
 
-    tta: bool
+    tta: bool | str
     temperature: float | None
     clip: float
 
     def __post_init__(self) -> None:
+        try:
+            views.check(self.tta)
+        except ValueError as e:
+            raise CalibrationError(f"{e}: run 'dvc repro' again") from None
         if not 0 <= self.clip < 0.5:
             raise CalibrationError(f"clip {self.clip} is outside [0, 0.5): P(dog) would be clipped to an empty range")
         if self.temperature is not None and not self.temperature > 0:
             raise CalibrationError(f"temperature {self.temperature} is not positive: run 'dvc repro' again")
 
     @classmethod
-    def chosen(cls, setting: str | float, tta: bool, metrics: Path) -> Calibration:
+    def chosen(cls, setting: str | float, tta: bool | str, metrics: Path) -> Calibration:
         """predict.clip's calibration: a number is that fixed clip alone; "evaluate" is what evaluate (or blend, for
         the blend) chose on validation, as `metrics` records it: its temperature and the clip searched on top of
         it when the temperature beat the clip alone there, else the clip."""
@@ -81,7 +86,7 @@ class Calibration:
     def from_dict(cls, record: dict) -> Calibration:
         """Read back `as_dict` (the model store's metadata)."""
         try:
-            return cls(tta=bool(record["tta"]), temperature=record.get("temperature"), clip=float(record["clip"]))
+            return cls(tta=record["tta"], temperature=record.get("temperature"), clip=float(record["clip"]))
         except (KeyError, TypeError) as e:
             raise CalibrationError(f"calibration record {record!r} lacks {e}: run 'dvc repro package' again") from e
 
@@ -91,7 +96,7 @@ class Calibration:
 
     def describe(self) -> str:
         t = "no temperature" if self.temperature is None else f"temperature {self.temperature:.3f}"
-        return f"{'flip TTA' if self.tta else 'no TTA'}, {t}, clip {self.clip:.4f}"
+        return f"{views.describe(self.tta)}, {t}, clip {self.clip:.4f}"
 
     def p_dog(self, z: np.ndarray) -> np.ndarray:
         """P(dog) (float64) from logits z_dog - z_cat: scaled by the temperature, then clipped."""

@@ -1,6 +1,6 @@
-"""Shared image and model I/O for `predict` and the BentoML service: decode, preprocess, open the ONNX model.
+"""Shared image and model I/O for the stages and the BentoML service: decode, preprocess, open the ONNX model.
 
-Not a stage: `predict` (`python -m pipeline.predict`) and `serving/service.py` import it. No torch here,
+Not a stage: `prepare`, `export`, `predict`, `package` and the service import it. No torch here,
 so the service runs on onnxruntime, numpy and Pillow alone. `load_image` decodes untrusted bytes safely
 (pixel limit from the header, JPEGs at reduced scale, full decode, EXIF rotation, any mode to RGB;
 `decoded_pixels` counts what it would decode); `preprocess` is `pipeline.model.eval_transform`
@@ -177,6 +177,14 @@ def preprocess_as(img: Image.Image, meta: dict) -> np.ndarray:
     return preprocess(img, meta["image_size"], meta["resize_size"], meta["mean"], meta["std"], meta["interpolation"])
 
 
+def preprocess_crops(img: Image.Image, meta: dict, crop_sizes: tuple[int, ...]) -> np.ndarray:
+    """`preprocess_as` for each short side in `crop_sizes` (the TTA's crops, pipeline/tta.py): (3, H, W) for one,
+    (K, 3, H, W) for several."""
+    size, pre = meta["image_size"], (meta["mean"], meta["std"], meta["interpolation"])
+    crops = [preprocess(img, size, short, *pre) for short in crop_sizes]
+    return crops[0] if len(crops) == 1 else np.stack(crops)
+
+
 def read_metadata(onnx_dir: str | os.PathLike) -> dict:
     """The model's contract from the ONNX metadata_props, typed: classes, image_size, mean, std, ..."""
     path = Path(onnx_dir) / MODEL_FILE
@@ -277,7 +285,7 @@ def make_session(
 
 def auto_variant(onnx_dir: str | os.PathLike, cuda: bool, cpu_variant: str = "int8") -> str:
     """The variant `auto` picks among the files export kept (those that passed its check): fp16 on CUDA;
-    on CPU `cpu_variant`, int8 for the service's speed (measured: 1.9x fp32 on VGG16) or fp32 for predict;
+    on CPU `cpu_variant`, int8 for the service's speed (bench/README.md) or fp32 for predict;
     else fp32."""
     preferred = "fp16" if cuda else cpu_variant
     return preferred if (Path(onnx_dir) / VARIANT_FILES[preferred]).is_file() else "fp32"

@@ -4,7 +4,7 @@ A reader (DVC, the next stage, the service) never sees half a file or half a fol
 (Ctrl-C, SIGKILL, a full disk) leaves its previous output as it was. The work happens beside the target, on the
 same disk, so the last step is one rename. The work's name is the target's, hidden, with `.tmp` added
 (`models/.model.pt.tmp`): what a SIGKILL left (no `except` runs then) is found by that name, and removed by the
-next write of the same target, by `train` before it trains and by `make tidy` (pipeline/tidy.py).
+next write of the same target, by `train` before it trains and by `make tidy` (pipeline/tools/tidy.py).
 """
 
 from __future__ import annotations

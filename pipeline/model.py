@@ -1,7 +1,8 @@
 """The model: any torchvision or timm ImageNet classifier with a new 2-way head, its weights, what trains,
 and its preprocessing.
 
-Shared by `features`, `train`, `evaluate` and `export`. Everything an architecture needs is read from the
+Shared by the stages that run the torch model (`features`, `train`, `lr_find`, `evaluate`, `export`) and by
+`pipeline.training`. Everything an architecture needs is read from the
 library (fastai's `TimmBody` way): torchvision's `weights.transforms()` and timm's `pretrained_cfg` give
 the preprocessing, the model's last `Linear` (timm: `pretrained_cfg["classifier"]`) is the head. What the
 libraries do not say sits in one small table, `MODEL_META` (fastai's `model_meta`): where `dense` starts,
@@ -354,12 +355,13 @@ def interpolation_mode(name: str) -> v2.InterpolationMode:
     return v2.InterpolationMode(name)
 
 
-def eval_transform(pre: dict) -> v2.Compose:
+def eval_transform(pre: dict, resize_size: int | None = None) -> v2.Compose:
     """Exactly the weights' own preprocessing (torchvision's `weights.transforms()`, timm's eval transform):
-    resize the short side of the PIL image (Pillow, antialiased), centre-crop, to tensor, normalise."""
+    resize the short side of the PIL image (Pillow, antialiased; to `resize_size`, default the weights' own),
+    centre-crop, to tensor, normalise."""
     return v2.Compose(
         [
-            v2.Resize(pre["resize_size"], interpolation=interpolation_mode(pre["interpolation"]), antialias=True),
+            v2.Resize(resize_size or pre["resize_size"], interpolation_mode(pre["interpolation"]), antialias=True),
             v2.CenterCrop(pre["image_size"]),
             v2.PILToTensor(),
             v2.ToDtype(torch.float32, scale=True),
@@ -449,18 +451,20 @@ def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 @torch.no_grad()
 def predict_logits(
-    model, loader, device, desc="valid", tta: bool = False, bf16: bool | None = None
+    model, loader, device, desc="valid", tta=False, bf16: bool | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(logits (N, C) as float64, labels (N,)) in loader order; with `tta`, the mean of the image's and its
-    horizontal mirror's logits (as predict and the service compute it). `bf16`: as `autocast`."""
+    """(logits (N, C) as float64, labels (N,)) in loader order: the mean over the loader's crops ((B, 3, H, W) or
+    (B, K, 3, H, W)) and, with any `tta` but false (pipeline/tta.py), their mirrors, as predict and the service compute
+    it. `bf16`: as `autocast`."""
     model.eval()
     logits, labels = [], []
     for x, y in tqdm(loader, desc=desc, leave=False, mininterval=2):
         with autocast(device, bf16):
-            x = to_device(x, device)
+            n = len(x)
+            x = to_device(x.flatten(0, 1) if x.dim() == 5 else x, device)  # (B * K, 3, H, W)
             z = model(x).float()
             if tta:
                 z = (z + model(torch.flip(x, dims=[3])).float()) / 2
-            logits.append(z.cpu())
+            logits.append(z.view(n, -1, z.shape[-1]).mean(1).cpu())  # (B, C): the mean over the crops
         labels.append(y)
     return torch.cat(logits).double().numpy(), torch.cat(labels).numpy()

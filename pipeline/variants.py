@@ -58,15 +58,14 @@ def finish_variant(model: onnx.ModelProto, dest: Path, metadata: dict[str, str])
 
 def quantize_int8(fp32_dir: Path, dest: Path, calibration: np.ndarray, metadata: dict[str, str]) -> None:
     """Static int8 quantization in QDQ format (S8S8), per-channel weights, activations ranged (MinMax) on
-    `calibration`. Measured on VGG16, 2 CPU cores: 1.9x fp32; dynamic quantization (no calibration) was 3x
-    slower. Of the options bench/int8_options.py measured (percentile, entropy, U8S8, reduce_range, float
-    first/last layers, 64 or 256 images), MinMax on 256 images changed the validation log loss least on the
-    three models tried (README, Inference speed); MinMax keeps only each tensor's min and max per batch, so
-    more images cost time (~0.2 s each for VGG16 at 128 px on 2 cores), not memory."""
+    `calibration`: of the options bench/int8_options.py measured (dynamic quantization, percentile, entropy,
+    U8S8, reduce_range, float first/last layers, 64 or 256 images), the one that changed the validation log loss
+    least (bench/README.md); MinMax keeps only each tensor's min and max per batch, so more images cost time, not
+    memory."""
     with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
         pre = Path(tmp) / "pre.onnx"
         # shape inference + graph optimisation first, as ONNX Runtime's quantization guide asks; ONNX's own
-        # shape inference is enough for a CNN (symbolic inference, for transformers, took ~90 s on VGG16)
+        # shape inference is enough for a CNN (symbolic inference is for transformers, and slow)
         quant_pre_process(
             str(fp32_dir / MODEL_FILE),
             str(pre),
@@ -76,7 +75,7 @@ def quantize_int8(fp32_dir: Path, dest: Path, calibration: np.ndarray, metadata:
         )
         out = Path(tmp) / "int8.onnx"
         # the softmax stays float: in int8 its output moves in steps of 1/255, so a confident model's small
-        # probabilities round to 0 (measured on the demo model: log loss 0.418 against fp32's 0.152)
+        # probabilities round to 0, and the log loss of confident answers explodes
         graph = onnx.load(pre, load_external_data=False).graph
         quantize_static(
             str(pre),
@@ -121,9 +120,8 @@ def judge_variant(ref: dict, score: dict, p: ExportParams) -> str | None:
 
     Accuracy: at most `max_accuracy_drop` of the images more wrong than fp32, and never fewer than
     `accuracy_slack_images` images (a 0.2-point bound is less than one image of 300). Log loss: at most
-    `max_log_loss_ratio` times fp32's, a bound that scales with the model (a softmax quantized to int8 read
-    0.418 against 0.152, 2.75x; int8 kernels of two CPUs read 0.141 and 0.164), or `log_loss_slack` above
-    it, whichever is larger (1.1x of a strong model's 0.03 would allow only 0.003)."""
+    `max_log_loss_ratio` times fp32's, a bound that scales with the model, or `log_loss_slack` above it,
+    whichever is larger (a ratio of a strong model's small log loss leaves almost no room)."""
     n = score["n"]
     extra_errors = round((ref["accuracy"] - score["accuracy"]) * n)
     allowed_errors = max(p.max_accuracy_drop * n, p.accuracy_slack_images)

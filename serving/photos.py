@@ -14,16 +14,20 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.data import ImageError, decoded_pixels, load_image, preprocess_as
+from pipeline.data import ImageError, decoded_pixels, load_image, preprocess_crops
 from pipeline.params.serve import ServeParams
+from pipeline.tta import crop_sizes
 from serving.upload_guard import BadUpload
 
 
 class PhotoDecoder:
-    """Decodes uploads for the model whose ONNX metadata is `meta`, within the serve params' limits."""
+    """Decodes uploads for the model whose ONNX metadata is `meta` into the crops `tta` averages (the stored
+    calibration's, as predict makes them), within the serve params' limits."""
 
-    def __init__(self, serve: ServeParams, meta: dict):
-        self.serve, self.meta = serve, meta
+    def __init__(self, serve: ServeParams, meta: dict, tta=False):
+        self.serve, self.meta, self.tta = serve, meta, tta
+        self.crops = crop_sizes(tta, meta["resize_size"])
+        self.draft_size = max(self.crops)  # JPEGs decode at reduced scale, to the largest crop's, as predict does
         # 32 PNGs of 73 KB that decode to 25 MP each took 13.9 s and 1.47 GB: pixels are budgeted before decoding
         self.pixels_in_flight = 2 * serve.max_request_pixels
         self.decoding = 0  # decoded pixels this worker's requests hold now (one event loop: no lock)
@@ -37,19 +41,19 @@ class PhotoDecoder:
             msg = f"{name} is {size} bytes, over the limit of {max_bytes}"
             raise BadUpload(msg, HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
         try:
-            # JPEGs decode at reduced scale, to the model's resize_size, as predict decodes them
-            return decoded_pixels(upload, self.serve.max_pixels, self.meta["resize_size"])
+            return decoded_pixels(upload, self.serve.max_pixels, self.draft_size)
         except ImageError as e:
             raise BadUpload(f"{name}: {str(e).replace(str(upload), 'the upload')}") from e
 
     def load(self, upload: Path, name: str) -> np.ndarray:
-        """One upload -> a preprocessed (3, H, W) array, or a 4xx error that says what is wrong."""
+        """One upload -> a preprocessed (3, H, W) array (or its crops, (K, 3, H, W)), or a 4xx error that says what is
+        wrong."""
         self.check(upload, name)
         try:
-            img = load_image(upload, self.serve.max_pixels, self.meta["resize_size"])
+            img = load_image(upload, self.serve.max_pixels, self.draft_size)
         except ImageError as e:
             raise BadUpload(f"{name}: {str(e).replace(str(upload), 'the upload')}") from e
-        return preprocess_as(img, self.meta)  # the model's own size, filter (bilinear, bicubic), mean and std
+        return preprocess_crops(img, self.meta, self.crops)  # the model's own size, filter, mean and std
 
     async def decode(self, uploads: list[Path], names: list[str]) -> list[np.ndarray]:
         """Uploads -> preprocessed arrays, in threads; every header checked before any is decoded, and the request's

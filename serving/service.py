@@ -58,7 +58,8 @@ RUNNER_MAX_REQUESTS = 1_000_000
     runner_connection={"max_requests": RUNNER_MAX_REQUESTS},
 )
 class Classifier:
-    """The model: preprocessed images (N, 3, H, W) -> calibrated P(dog) (N,), batched across requests."""
+    """The model: preprocessed images (N, 3, H, W), or (N, K, 3, H, W) with K TTA crops -> calibrated P(dog) (N,),
+    batched across requests."""
 
     model = MODEL
 
@@ -88,7 +89,7 @@ class Classifier:
         max_latency_ms=SERVE.max_latency_ms,
     )
     def predict(self, images: np.ndarray) -> np.ndarray:
-        """P(dog) (N,) as the submission computes it: flip TTA, temperature and clip as `package` stored them."""
+        """P(dog) (N,) as the submission computes it: TTA, temperature and clip as `package` stored them."""
         return self.calibration.predict(self.session, self.meta, images)
 
     @bentoml.api
@@ -120,7 +121,8 @@ class DogsVsCats:
         use_worker_tempdir()  # uploads go there, and a killed worker's are removed (serving/tempdir.py)
         guard_connections(SERVE.header_timeout_s, SERVE.body_timeout_s, SERVE.max_connections)  # before it serves
         self.calibration = stored_calibration(self.model)
-        self.photos = PhotoDecoder(SERVE, read_metadata(self.model.path))  # checks, decodes and preprocesses uploads
+        # checks, decodes and preprocesses uploads into the views the stored calibration averages
+        self.photos = PhotoDecoder(SERVE, read_metadata(self.model.path), self.calibration.tta)
         self.running: dict | None = None  # the model worker's variant and provider, asked once (GET /info)
 
     async def running_variant(self) -> dict | None:
@@ -136,7 +138,7 @@ class DogsVsCats:
         return self.running
 
     async def infer(self, x: np.ndarray) -> np.ndarray:
-        """Classifier.predict on a batch (N, 3, H, W), retried on a dropped connection.
+        """Classifier.predict on a batch (N, 3, H, W) or (N, K, 3, H, W), retried on a dropped connection.
 
         BentoML 1.4's client to a dependency replaces its connection pool every 100 requests (and 5 min),
         closing requests still in flight on the old pool, and keeps idle connections longer than the model

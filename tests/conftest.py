@@ -13,7 +13,7 @@ import yaml
 from pipeline.demo import write_demo_zip
 from pipeline.params.fetch import DemoParams
 from pipeline.params.prepare import PrepareParams
-from pipeline.prepare import prepare
+from pipeline.stages.prepare import prepare
 from serving.smoke import free_port, start, stop, wait_ready
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,43 +79,45 @@ def run(*args, env=None):
 @pytest.fixture(scope="session")
 def served(tmp_path_factory):
     """A tiny model trained, evaluated, exported, blended, predicted and packaged by the real stages with dvc.yaml's
-    layout (one member, `model`; flip TTA), served by the real `bentoml serve`. One per session:
+    layout (one member, `model`; flip + close-crop TTA), served by the real `bentoml serve`. One per session:
     tests/test_service.py, tests/test_page.py and tests/test_package.py share it."""
     tmp = tmp_path_factory.mktemp("serve")
     write_demo_zip(tmp / "c.zip", tmp / "labels.csv", tiny_demo(train_per_class=24, test_count=8))
     prepare(tmp / "c.zip", tmp / "prepared", tiny_prepare(valid_per_class=4))
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["train"].update(image_size=32, epochs=1, batch_size=8, workers=0, device="cpu")
-    params["predict"].update(tta=True)  # the service must apply it as predict does
+    params["predict"].update(tta="flip+close")  # the service must apply it as predict does
     params["serve"].update(max_bytes=MAX_BYTES, max_pixels=MAX_PIXELS, max_batch_size=8, max_latency_ms=20000)
     (tmp / "params.yaml").write_text(yaml.safe_dump(params))
     p = ["--params", str(tmp / "params.yaml")]
     member, data = "model", ["--data", str(tmp / "prepared")]
     onnx, metrics = tmp / "onnx" / member, tmp / "metrics" / member  # dvc.yaml's <stage folder>/<member>
-    run("-m", "pipeline.features", *data, "--out", str(tmp / "features"), *p)
+    run("-m", "pipeline.stages.features", *data, "--out", str(tmp / "features"), *p)
     run(
-        "-m", "pipeline.train", *data, "--features", str(tmp / "features"), "--model", str(tmp / "model.pt"),
+        "-m", "pipeline.stages.train", *data, "--features", str(tmp / "features"), "--model", str(tmp / "model.pt"),
         "--checkpoint", str(tmp / "ckpt.pt"), "--live", str(tmp / "live"), *p,
     )  # fmt: skip
     # the validation metrics go into the model store's metadata: the page shows them
     run(
-        "-m", "pipeline.evaluate", *data, "--model", str(tmp / "model.pt"), "--metrics", str(metrics / "evaluate.json"),
+        "-m", "pipeline.stages.evaluate", *data, "--model", str(tmp / "model.pt"),
+        "--metrics", str(metrics / "evaluate.json"),
         "--plots", str(tmp / "plots"), "--predictions", str(tmp / "predictions" / f"{member}.csv"), *p,
     )  # fmt: skip
     run(
-        "-m", "pipeline.export", "--model", str(tmp / "model.pt"), *data, "--out", str(onnx),
+        "-m", "pipeline.stages.export", "--model", str(tmp / "model.pt"), *data, "--out", str(onnx),
         "--metrics", str(metrics / "export.json"), *p,
     )  # fmt: skip
     blend = ["--blend", str(tmp / "metrics" / "blend.json")]
-    run("-m", "pipeline.blend", "--predictions", str(tmp / "predictions"), "--metrics", blend[1], "--plots",
+    run("-m", "pipeline.stages.blend", "--predictions", str(tmp / "predictions"), "--metrics", blend[1], "--plots",
         str(tmp / "plots" / "blend"), *p)  # fmt: skip
     run(
-        "-m", "pipeline.predict", "--onnx", str(tmp / "onnx"), *data, *blend, "--labels", str(tmp / "labels.csv"),
+        "-m", "pipeline.stages.predict", "--onnx", str(tmp / "onnx"), *data, *blend,
+        "--labels", str(tmp / "labels.csv"),
         "--submission", str(tmp / "submission.csv"), "--metrics", str(tmp / "metrics" / "predict.json"), *p,
     )  # fmt: skip
     env = {**tool_env(), "BENTOML_HOME": str(tmp / "bentoml"), "DOGSCATS_PARAMS": str(tmp / "params.yaml")}
     run(
-        "-m", "pipeline.package", "--onnx", str(tmp / "onnx"), "--metrics", str(tmp / "metrics"), *blend,
+        "-m", "pipeline.stages.package", "--onnx", str(tmp / "onnx"), "--metrics", str(tmp / "metrics"), *blend,
         "--out", str(tmp / "bentoml-model.json"), *p, env=env,
     )  # fmt: skip
 
@@ -205,7 +207,7 @@ def write_params(path: Path, **train) -> Path:
 
 def features_cmd(work: Path, prepared: Path, params: Path) -> list[str]:
     out = ["--out", str(work / "features"), "--params", str(params)]
-    return [sys.executable, "-m", "pipeline.features", "--data", str(prepared), *out]
+    return [sys.executable, "-m", "pipeline.stages.features", "--data", str(prepared), *out]
 
 
 def features(work: Path, prepared: Path, params: Path) -> str:
@@ -219,7 +221,7 @@ def train_cmd(work: Path, prepared: Path, params: Path) -> list[str]:
     return [
         sys.executable,
         "-m",
-        "pipeline.train",
+        "pipeline.stages.train",
         "--data",
         str(prepared),
         "--features",

@@ -270,4 +270,41 @@ def test_scale_cuts_a_kit_and_measures_make_offline_in_a_clone(demo_zip, tmp_pat
     assert run["photos"] == 44 and run["test"]["n"] == 8 and 0 <= run["test"]["accuracy"] <= 1  # 18 + 18 + 8
     assert {"prepare", "features@model", "train@model", "predict"} <= set(run["stage_seconds"])
     assert run["stage_peak_rss_bytes"]["train@model"] > 100 * 2**20 and run["dvc_cache_bytes"] > 0
+    pss = run["stage_peak_pss_bytes"]["train@model"]
+    assert 100 * 2**20 < pss <= run["stage_peak_rss_bytes"]["train@model"]  # shared pages split, not counted twice
     assert run["disk_vs_zip"] > 1 and not (tmp_path / "work" / "project-44").exists()  # the clone is removed
+
+
+def test_clip_floor_fits_out_of_fold_and_scores_the_test_logits_once(tmp_path):
+    """bench/clip_floor.py on written validation and test logits: each floor's out-of-fold loss; the test scored with
+    the temperature and clip fitted on all of validation, the clip raised to the floor."""
+    import numpy as np
+
+    from pipeline.calibration import sigmoid
+    from pipeline.scoring import best_clip, clip_curve, fit_temperature, log_loss
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 400)
+    z = np.where(y == 1, 1, -1) * rng.gamma(2.0, 3.0, 400)
+    z[:6] = -z[:6]  # confident mistakes
+    (tmp_path / "predictions" / "valid").mkdir(parents=True)
+    (tmp_path / "predictions" / "test").mkdir(parents=True)
+    pairs = enumerate(zip(y, z, strict=True))
+    rows = "".join(f"valid/{'dogs' if t else 'cats'}/{i}.jpg,{t},{v}\n" for i, (t, v) in pairs)
+    (tmp_path / "predictions" / "valid" / "model.csv").write_text("path,label,logit\n" + rows)
+    yt, zt = y[:100], z[100:200]
+    (tmp_path / "predictions" / "test" / "model.csv").write_text(
+        "id,logit\n" + "".join(f"{i + 1},{v}\n" for i, v in enumerate(zt))
+    )
+    (tmp_path / "labels.csv").write_text("id,label\n" + "".join(f"{i + 1},{t}\n" for i, t in enumerate(yt)))
+    out = tmp_path / "clip_floor.json"
+    args = ["--project", str(tmp_path), "--score-test", "0.02", "--labels", str(tmp_path / "labels.csv")]
+    ran(subprocess.run([sys.executable, str(ROOT / "bench" / "clip_floor.py"), *args, "--out", str(out)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300))  # fmt: skip
+    record = json.loads(out.read_text())
+    assert set(record["floors"]) == {"0.0", "0.001", "0.0025", "0.005", "0.01", "0.02"} and record["n"] == 400
+    assert all(f["clip_on_all"] >= float(k) for k, f in record["floors"].items())
+    t = fit_temperature(np.stack([np.zeros_like(z), z], 1), y)
+    clip = max(best_clip(clip_curve(sigmoid(z / t), y, 0.2, 0.0005))[0], 0.02)
+    expected = log_loss(yt, np.clip(sigmoid(zt / t), clip, 1 - clip))
+    assert record["test"]["log_loss"] == pytest.approx(expected) and record["test"]["n"] == 100

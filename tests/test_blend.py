@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import yaml
 
-from pipeline import blend
 from pipeline.config import load_params
-from pipeline.evaluate import evaluate, read_predictions, write_predictions
 from pipeline.params.evaluate import BlendParams, EvaluateParams
+from pipeline.scoring import evaluate, read_predictions, write_predictions
+from pipeline.stages import blend
 from tests.conftest import ROOT
 
 EP = load_params(EvaluateParams, "evaluate", ROOT / "params.yaml")

@@ -9,8 +9,8 @@ import pytest
 from pipeline.calibration import Calibration, CalibrationError, model_logits, sigmoid
 from pipeline.config import load_params
 from pipeline.data import make_session, read_metadata
-from pipeline.package import served_calibration, submission_members
 from pipeline.params.predict import PredictParams
+from pipeline.stages.package import served_calibration, submission_members
 from tests.conftest import ROOT
 from tests.test_data import write_tiny_onnx
 

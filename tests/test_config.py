@@ -64,7 +64,7 @@ def test_missing_section(tmp_path):
 
 
 def test_set_params_keeps_comments_and_refuses_unknown_keys_and_wrong_types(tmp_path):
-    from pipeline.setparams import set_params
+    from pipeline.tools.setparams import set_params
 
     path = tmp_path / "params.yaml"
     path.write_text((ROOT / "params.yaml").read_text())
@@ -122,7 +122,7 @@ def test_a_wrong_member_is_a_clear_error(tmp_path, members, message):
 def load_every_section(path):
     """Load each section of params.yaml at `path` as the stages do."""
     from pipeline.params.train import LrFindParams
-    from pipeline.setparams import SECTIONS
+    from pipeline.tools.setparams import SECTIONS
 
     for section, cls in {**SECTIONS, "lr_find": LrFindParams}.items():
         load_params(cls, section, path)
@@ -227,7 +227,7 @@ def stage_command(module: str, tmp) -> list[str]:
         "package": ["--onnx", "o", "--metrics", "m", "--out", "o.json"],
     }[module]
     paths = [str(tmp / a) if not a.startswith("--") else a for a in paths]
-    return [sys.executable, "-m", f"pipeline.{module}", *paths, "--params", str(tmp / "params.yaml")]
+    return [sys.executable, "-m", f"pipeline.stages.{module}", *paths, "--params", str(tmp / "params.yaml")]
 
 
 @pytest.mark.parametrize(

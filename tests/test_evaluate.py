@@ -1,10 +1,10 @@
-"""evaluate: the clip search and temperature scaling against known answers."""
+"""scoring (what evaluate and blend fit with): the clip search and temperature scaling against known answers."""
 
 import numpy as np
 import pytest
 
-from pipeline.evaluate import best_clip, clip_curve, evaluate, fit_temperature, log_loss, softmax
 from pipeline.params.evaluate import EvaluateParams
+from pipeline.scoring import best_clip, clip_curve, evaluate, fit_temperature, log_loss, softmax
 
 
 def test_clip_search_finds_the_analytic_optimum():

@@ -16,7 +16,6 @@ import yaml
 from PIL import Image
 from torch import nn
 
-from pipeline import export
 from pipeline.data import (
     MODEL_FILE,
     VARIANT_FILES,
@@ -26,8 +25,9 @@ from pipeline.data import (
     open_model,
     read_metadata,
 )
-from pipeline.export import MAX_IR_VERSION, ExportError, check_export, export_onnx, onnx_metadata
 from pipeline.model import CLASSES, preprocessing
+from pipeline.stages import export
+from pipeline.stages.export import MAX_IR_VERSION, ExportError, check_export, export_onnx, onnx_metadata
 from tests.conftest import ROOT
 
 SIZE = 16

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from pipeline.fetch import FetchError, fetch
 from pipeline.params.fetch import FetchParams
+from pipeline.stages.fetch import FetchError, fetch
 from tests.conftest import tiny_demo
 
 COMP = "dogs-vs-cats-redux-kernels-edition"

@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from pipeline.lr_find import valley
+from pipeline.stages.lr_find import valley
 from tests.conftest import ROOT, features, write_params
 
 
@@ -22,7 +22,15 @@ def test_valley_is_half_way_down_the_longest_fall():
 def test_sweep_on_cached_activations_writes_the_curve_and_a_suggestion(prepared, tmp_path):  # noqa: F811
     params = write_params(tmp_path / "p.yaml")
     features(tmp_path, prepared, params)
-    cmd = [sys.executable, "-m", "pipeline.lr_find", "--data", str(prepared), "--features", str(tmp_path / "features")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pipeline.stages.lr_find",
+        "--data",
+        str(prepared),
+        "--features",
+        str(tmp_path / "features"),
+    ]
     cmd += ["--out", str(tmp_path / "plots"), "--metrics", str(tmp_path / "lr_find.json"), "--params", str(params)]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr

@@ -25,7 +25,7 @@ def test_an_unwritable_store_is_a_message_not_a_traceback(tmp_path):
     onnx_dir = write_tiny_onnx(tmp_path / "onnx")
     write_evaluate(tmp_path / "metrics")
     env = {**tool_env(), "BENTOML_HOME": "/proc/no-such-folder/bentoml"}  # cannot be created, even by root
-    cmd = ["-m", "pipeline.package", "--onnx", str(onnx_dir), "--metrics", str(tmp_path / "metrics")]
+    cmd = ["-m", "pipeline.stages.package", "--onnx", str(onnx_dir), "--metrics", str(tmp_path / "metrics")]
     cmd += ["--out", str(tmp_path / "record.json")]
     done = subprocess.run([str(BIN / "python"), *cmd], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
@@ -50,7 +50,7 @@ def test_an_interrupted_import_is_refused_by_the_service_and_replaced_by_the_nex
     onnx_dir = write_tiny_onnx(tmp_path / "onnx")
     write_evaluate(tmp_path / "metrics")
     env = {**tool_env(), "BENTOML_HOME": str(tmp_path / "store")}
-    cmd = [str(BIN / "python"), "-m", "pipeline.package", "--onnx", str(onnx_dir)]
+    cmd = [str(BIN / "python"), "-m", "pipeline.stages.package", "--onnx", str(onnx_dir)]
     cmd += ["--metrics", str(tmp_path / "metrics"), "--out", str(tmp_path / "record.json")]
     package = lambda: subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)  # noqa: E731
     assert package().returncode == 0
@@ -75,7 +75,7 @@ def test_a_new_calibration_is_a_new_model_version_and_a_model_without_one_is_ref
     onnx_dir = write_tiny_onnx(tmp_path / "onnx")
     metrics = write_evaluate(tmp_path / "metrics")
     env = {**tool_env(), "BENTOML_HOME": str(tmp_path / "store")}
-    cmd = [str(BIN / "python"), "-m", "pipeline.package", "--onnx", str(onnx_dir)]
+    cmd = [str(BIN / "python"), "-m", "pipeline.stages.package", "--onnx", str(onnx_dir)]
     cmd += ["--metrics", str(metrics), "--out", str(tmp_path / "record.json")]
 
     def package() -> tuple[str, dict]:
@@ -113,7 +113,7 @@ def test_the_import_is_staged_under_the_store_and_a_killed_runs_leftover_is_remo
     left.mkdir(parents=True)
     (left / "model.onnx.data").write_bytes(bytes(4096))
     env = {**tool_env(), "BENTOML_HOME": str(store), "TMPDIR": str(tmp)}
-    cmd = [str(BIN / "python"), "-m", "pipeline.package", "--onnx", str(onnx_dir)]
+    cmd = [str(BIN / "python"), "-m", "pipeline.stages.package", "--onnx", str(onnx_dir)]
     cmd += ["--metrics", str(tmp_path / "metrics"), "--out", str(tmp_path / "record.json")]
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
@@ -122,7 +122,7 @@ def test_the_import_is_staged_under_the_store_and_a_killed_runs_leftover_is_remo
 
 
 def test_the_served_member_is_the_best_on_validation_or_the_one_named(tmp_path):
-    from pipeline.package import choose_member
+    from pipeline.stages.package import choose_member
 
     blend = tmp_path / "blend.json"
     blend.write_text(json.dumps({"members": {"lite0": {}, "lite1": {}}, "best_member": "lite1"}))
@@ -145,7 +145,7 @@ def test_package_with_the_blend_imports_the_chosen_members_folder_and_labels_it(
     params = (ROOT / "params.yaml").read_text().replace("  model: {}\n", "  a: {}\n  b: {arch: resnet18}\n")
     (tmp_path / "params.yaml").write_text(params)
     env = {**tool_env(), "BENTOML_HOME": str(tmp_path / "store")}
-    cmd = [str(BIN / "python"), "-m", "pipeline.package", "--onnx", str(tmp_path / "onnx"), "--blend"]
+    cmd = [str(BIN / "python"), "-m", "pipeline.stages.package", "--onnx", str(tmp_path / "onnx"), "--blend"]
     cmd += [str(tmp_path / "blend.json"), "--metrics", str(tmp_path / "metrics"), "--out", str(tmp_path / "rec.json")]
     cmd += ["--params", str(tmp_path / "params.yaml")]
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)

@@ -244,11 +244,11 @@ def test_a_failed_make_repro_puts_params_back_and_the_demo_runs_again(tmp_path):
     # after a successful real run params.yaml holds its values, and a later failed `make repro` puts those back:
     # `make demo` puts the demo's values of the keys make repro overrides back itself (here the tiny project's)
     real = [f"fetch.source=downloads/{raw.name}", "prepare.valid_per_class=1000", "train.lr=0.001"]
-    run("-m", "pipeline.setparams", str(project / "params.yaml"), *real)
+    run("-m", "pipeline.tools.setparams", str(project / "params.yaml"), *real)
     assert "source: downloads/" in (project / "params.yaml").read_text()
     tiny_demo_values = "DEMO_PARAMS=fetch.source=demo prepare.valid_per_class=4 train.lr=0.01"
     done = make(project, "-n", "demo", tiny_demo_values, env=env)  # the commands make demo runs
-    reset = next(line for line in done.stdout.splitlines() if "pipeline.setparams" in line)
+    reset = next(line for line in done.stdout.splitlines() if "pipeline.tools.setparams" in line)
     subprocess.run(reset, shell=True, cwd=project, env=env, check=True)
     assert (project / "params.yaml").read_bytes() == before  # comments and layout kept
     subprocess.run(reset, shell=True, cwd=project, env=env, check=True)  # demo values already: nothing changes
@@ -300,7 +300,7 @@ def test_replacing_the_zip_in_downloads_reruns_fetch(tmp_path):
 def test_a_killed_train_restored_from_the_run_cache_leaves_its_own_metrics_and_no_checkpoint(tmp_path):
     """Kill train midway through other params, go back: DVC restores the earlier run from its run cache, and the
     learning-curve metrics must be that run's, not the killed epoch's. The killed run's checkpoint, kept while it
-    could resume, is removed by `make tidy` (pipeline/tidy.py) once the restored model sits beside it."""
+    could resume, is removed by `make tidy` (pipeline/tools/tidy.py) once the restored model sits beside it."""
     tiny = {
         "fetch.demo.train_per_class": 30,
         "fetch.demo.test_count": 4,
@@ -328,7 +328,7 @@ def test_a_killed_train_restored_from_the_run_cache_leaves_its_own_metrics_and_n
     proc.wait()
     assert metrics.read_bytes() != before, "the killed run did not get to write its metrics"
     checkpoint = project / "models" / "model.checkpoint.pt"
-    tidy = [str(BIN / "python"), "-m", "pipeline.tidy"]
+    tidy = [str(BIN / "python"), "-m", "pipeline.tools.tidy"]
     subprocess.run(tidy, cwd=project, env=tool_env(), check=True)
     assert checkpoint.exists(), "tidy removed the checkpoint of a run that can still resume"
     dvc(project, "checkout", "train@model")  # the finished run's model back, params.yaml still the killed run's

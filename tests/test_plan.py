@@ -17,7 +17,7 @@ def test_the_plan_counts_the_zips_images_and_lists_each_members_phases(demo_zip,
         "train.finetune=all", "train.head_epochs=2", "train.epochs=3", "train.augment=true", "train.batch_size=4",
         "predict.tta=true", "~members", "+members={a:{},b:{epochs:1,lr:0.0003}}",
     ]  # fmt: skip
-    cmd = [str(BIN / "python"), "-m", "pipeline.plan", "--params", str(params)]
+    cmd = [str(BIN / "python"), "-m", "pipeline.tools.plan", "--params", str(params)]
     cmd += [arg for o in overrides for arg in ("-S", o)]
     done = subprocess.run(cmd, cwd=ROOT, env=tool_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr

@@ -1,7 +1,7 @@
-"""pipeline.plots: `dvc plots show` whose page draws every chart with the network cut off.
+"""pipeline.tools.plots: `dvc plots show` whose page draws every chart with the network cut off.
 
 A tiny DVC project (two loss columns on one chart, a confusion matrix, an image) drawn by the real
-`python -m pipeline.plots`, then opened in Debian's /usr/bin/chromium (Playwright, as tests/test_page.py) with
+`python -m pipeline.tools.plots`, then opened in Debian's /usr/bin/chromium (Playwright, as tests/test_page.py) with
 every request that is not file:// aborted. Without Chromium the browser test skips and says so. The screenshot
 goes to the test's tmp_path.
 """
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from pipeline.plots import main, remote_sources
+from pipeline.tools.plots import main, remote_sources
 from tests.conftest import ROOT, dvc, tool_env
 from tests.test_page import CHROMIUM, CHROMIUM_FLAGS, needs_chromium
 
@@ -34,9 +34,9 @@ plots:
 
 
 def plots_cmd(project: Path, *args: str) -> subprocess.CompletedProcess:
-    """The real `python -m pipeline.plots` in `project`, this checkout's module."""
+    """The real `python -m pipeline.tools.plots` in `project`, this checkout's module."""
     env = {**tool_env(), "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "pipeline.plots", *args]
+    cmd = [sys.executable, "-m", "pipeline.tools.plots", *args]
     return subprocess.run(cmd, cwd=project, env=env, capture_output=True, text=True, timeout=120)
 
 
@@ -48,7 +48,7 @@ def init_project(dest: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def drawn(tmp_path_factory) -> Path:
-    """A project with three plots, drawn by pipeline.plots into page/index.html."""
+    """A project with three plots, drawn by pipeline.tools.plots into page/index.html."""
     project = init_project(tmp_path_factory.mktemp("plots") / "project")
     (project / "dvc.yaml").write_text(DVC_YAML)
     rows = [f"{e},{1 / e:.3f},{1.2 / e + 0.1:.3f}" for e in range(1, 6)]

@@ -14,10 +14,10 @@ import torch
 import yaml
 from PIL import Image
 
-from pipeline import predict
 from pipeline.calibration import Calibration, logit_difference, model_logits
 from pipeline.data import SubmissionError, load_image, make_session, preprocess_as, read_metadata, validate_submission
-from pipeline.predict import decoded_batches
+from pipeline.stages import predict
+from pipeline.stages.predict import decoded_batches
 from tests.conftest import ROOT
 from tests.test_data import write_tiny_onnx
 

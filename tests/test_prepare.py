@@ -17,9 +17,10 @@ import pytest
 import yaml
 from PIL import Image
 
-import pipeline.prepare as prepare_module
+import pipeline.safe_zip as safe_zip
+import pipeline.stages.prepare as prepare_module
 from pipeline.data import ImageError, load_image
-from pipeline.prepare import PrepareError, prepare
+from pipeline.stages.prepare import PrepareError, prepare
 from tests.conftest import BIN, ROOT, tiny_prepare, tool_env
 
 
@@ -260,7 +261,7 @@ def outer_zip(src: Path, dest: Path, replace: dict | None = None, extra=()) -> P
 
 def run_prepare(zip_path: Path, out: Path, params: Path) -> subprocess.CompletedProcess:
     """The real CLI, as `dvc repro prepare` runs it."""
-    cmd = [str(BIN / "python"), "-m", "pipeline.prepare", "--zip", str(zip_path), "--out", str(out)]
+    cmd = [str(BIN / "python"), "-m", "pipeline.stages.prepare", "--zip", str(zip_path), "--out", str(out)]
     cmd += ["--metrics", str(out.parent / "prepare.json"), "--params", str(params)]
     return subprocess.run(cmd, cwd=ROOT, env=tool_env(), capture_output=True, text=True, timeout=300)
 
@@ -300,8 +301,9 @@ NOISE = random.Random(1).randbytes(4 << 20)  # incompressible
 def test_extraction_counts_the_bytes_it_really_writes(demo_zip, tmp_path, monkeypatch, kind, changes, message):
     """The second line of defence: were the headers' claims wrong (here the header checks are switched off),
     extraction stops as soon as the bytes really written pass a limit, and writes nothing past it."""
-    monkeypatch.setattr(prepare_module, "check_sizes", lambda *args: None)
-    monkeypatch.setitem(prepare_module.SIZE_LIMITS, kind, (3 << 20, 100, 5 << 20))
+    for module in (prepare_module, safe_zip):  # the stage checks the outer zip, safe_zip the inner ones
+        monkeypatch.setattr(module, "check_sizes", lambda *args: None)
+    monkeypatch.setitem(safe_zip.SIZE_LIMITS, kind, (3 << 20, 100, 5 << 20))
     if kind == "inner zip":
         bad = rebuild(demo_zip, tmp_path / "bad.zip", train=changes)
     else:
@@ -325,7 +327,8 @@ def test_extraction_counts_the_bytes_it_really_writes(demo_zip, tmp_path, monkey
             sizes[Path(self.file.name).name] = self.file.tell() + len(data)
             return self.file.write(data)
 
-    monkeypatch.setattr(prepare_module, "open", Measured, raising=False)
+    for module in (prepare_module, safe_zip):
+        monkeypatch.setattr(module, "open", Measured, raising=False)
     out = tmp_path / "work" / "prepared"
     out.parent.mkdir()
     with pytest.raises(PrepareError, match=message) as err:

@@ -37,9 +37,9 @@ from starlette.routing import Route
 from pipeline.calibration import Calibration
 from pipeline.config import load_params
 from pipeline.data import open_model
-from pipeline.evaluate import log_loss
 from pipeline.params.export import ExportParams
 from pipeline.params.serve import ServeParams
+from pipeline.scoring import log_loss
 from pipeline.variants import judge_variant
 from serving.connections import CancelledTimeouts
 from serving.metrics_labels import UNKNOWN_PATH, RouteLabelledMetrics
@@ -240,11 +240,12 @@ def submission(path: Path) -> dict[int, float]:
 
 @pytest.mark.slow
 def test_classify_gives_the_submissions_probability(served, tmp_path):
-    """The service applies predict's flip TTA, temperature and clip (stored with the model by package): for the test
-    photos /classify answers what predict writes into the submission, to 1e-6 with the same variant (predict run
-    again with the served one), and within export's check of that variant against the fp32 submission."""
+    """The service applies predict's TTA (flip + close crop), temperature and clip (stored with the model by package):
+    for the test photos /classify answers what predict writes into the submission, to 1e-6 with the same variant
+    (predict run again with the served one), and within export's check of that variant against the fp32
+    submission."""
     tmp = served["tmp"]
-    chosen = Calibration.chosen("evaluate", True, tmp / "metrics" / "blend.json")
+    chosen = Calibration.chosen("evaluate", "flip+close", tmp / "metrics" / "blend.json")  # the fixture's TTA
     info = requests.get(served["url"] + "/info", timeout=30).json()
     assert info["calibration"] == chosen.as_dict() and chosen.tta
     photos = sorted((tmp / "prepared" / "test" / "unknown").glob("*.jpg"), key=lambda f: int(f.stem))
@@ -264,7 +265,7 @@ def test_classify_gives_the_submissions_probability(served, tmp_path):
     params["predict"]["variant"] = info["variant"]
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     run(
-        "-m", "pipeline.predict", "--onnx", str(tmp / "onnx"), "--data", str(tmp / "prepared"), "--blend",
+        "-m", "pipeline.stages.predict", "--onnx", str(tmp / "onnx"), "--data", str(tmp / "prepared"), "--blend",
         str(tmp / "metrics" / "blend.json"), "--submission", str(tmp_path / "submission.csv"), "--metrics",
         str(tmp_path / "predict.json"), "--params", str(tmp_path / "params.yaml"),
     )  # fmt: skip

@@ -51,7 +51,7 @@ def code_of(module: str) -> set[str]:
 @pytest.mark.parametrize("stage", sorted(STAGES))
 def test_each_stage_depends_on_exactly_the_code_it_runs(stage):
     spec = STAGES[stage].get("do", STAGES[stage])  # foreach stages: the template
-    module = re.search(r"python -m (pipeline\.\w+)", spec["cmd"])[1]
+    module = re.search(r"python -m (pipeline\.[\w.]+)", spec["cmd"])[1]
     listed = {d for d in spec["deps"] if d.startswith("pipeline/")}
     assert listed == code_of(module), f"{stage}: deps list {sorted(listed)}, it runs {sorted(code_of(module))}"
 
@@ -61,3 +61,28 @@ def test_no_stage_runs_the_service_settings():
     for spec in STAGES.values():
         deps = spec.get("do", spec)["deps"]
         assert "pipeline/params/serve.py" not in deps and not any(d.split("/")[0] == "serving" for d in deps)
+
+
+def package_modules(folder: str) -> set[str]:
+    return {f"{folder.replace('/', '.')}.{p.stem}" for p in (ROOT / folder).glob("*.py") if p.stem != "__init__"}
+
+
+def test_the_layout_shows_the_pipeline_stages_above_the_library():
+    """pipeline/stages/ holds one module per dvc.yaml entry and nothing else; a stage imports no other stage and no
+    make-target helper (pipeline/tools/), and a helper no stage; the library (pipeline/*.py, pipeline/params/)
+    imports neither: what two of them share lives in the library."""
+    stages, tools = package_modules("pipeline/stages"), package_modules("pipeline/tools")
+    run_by_dvc = {re.search(r"python -m (pipeline\.[\w.]+)", s.get("do", s)["cmd"])[1] for s in STAGES.values()}
+    assert stages == run_by_dvc
+    library = package_modules("pipeline") | package_modules("pipeline/params")
+    assert library and tools and not library & (stages | tools)
+    for stage in stages:
+        assert not imported(stage) & (stages | tools), f"{stage} imports {sorted(imported(stage) & (stages | tools))}"
+    for tool in tools:
+        assert not imported(tool) & stages, f"{tool} imports the stage(s) {sorted(imported(tool) & stages)}"
+    for module in library:
+        wrong = {m for m in imported(module) if m.startswith(("pipeline.stages", "pipeline.tools"))}
+        assert not wrong, f"the library module {module} imports {sorted(wrong)}"
+    assert imported("pipeline.stages.blend") == {  # example: blend fits with the library, not with the evaluate stage
+        "pipeline.config", "pipeline.files", "pipeline.params.evaluate", "pipeline.params.train", "pipeline.scoring"
+    }  # fmt: skip

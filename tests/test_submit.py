@@ -9,8 +9,8 @@ import subprocess
 import pytest
 import requests
 
-from pipeline import submit
-from pipeline.submit import SubmitError, git_commit, submission_message, submit_to_kaggle
+from pipeline.tools import submit
+from pipeline.tools.submit import SubmitError, git_commit, submission_message, submit_to_kaggle
 from tests.conftest import BIN, ROOT, tool_env
 from tests.test_fetch import (
     JSON,
@@ -191,7 +191,7 @@ def test_offline(files, monkeypatch):
         submit_to_kaggle(files / "submission.csv", "m", COMP)
 
 
-# `make submit` runs pipeline.submit in its own Python: this file, as its sitecustomize, puts the fake Kaggle edge
+# `make submit` runs pipeline.tools.submit in its own Python: this file, as its sitecustomize, puts the fake Kaggle edge
 # there (requests.Session.send answered by kaggle_answer) and logs each request as a JSON line
 SITECUSTOMIZE = """
 import json, os, sys

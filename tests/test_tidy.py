@@ -8,7 +8,7 @@ import subprocess
 from pipeline.files import is_temporary, temporary_sibling
 from tests.conftest import BIN, ROOT, features, make_project, tool_env, train_cmd, write_params
 
-TIDY = [str(BIN / "python"), "-m", "pipeline.tidy"]
+TIDY = [str(BIN / "python"), "-m", "pipeline.tools.tidy"]
 
 # what a write killed in each stage leaves (dvc.yaml's paths, one member: model), files and folders
 LEFTOVERS = [

@@ -13,14 +13,13 @@ import time
 import pytest
 import torch
 
-from pipeline.model import build_model
-from pipeline.train import set_train_mode
+from pipeline.model import build_model, set_train_mode
 from tests.conftest import ROOT, features, features_cmd, run_train, train_cmd, weights, write_params
 
 
 def test_an_epoch_on_images_draws_epoch_images_of_them_anew_each_epoch(prepared):
     from pipeline.params.train import load_member
-    from pipeline.train import make_loaders
+    from pipeline.training import make_loaders
 
     p = dataclasses.replace(load_member(None, ROOT / "params.yaml"), epoch_images=20, batch_size=8, workers=0)
     pre = {"image_size": 32, "resize_size": 36, "interpolation": "bilinear", "mean": (0.5,) * 3, "std": (0.5,) * 3}

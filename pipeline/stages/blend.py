@@ -1,6 +1,6 @@
 """Stage `blend`: the members' validation predictions combined into one, and calibrated as `evaluate` does.
 
-`python -m pipeline.blend --predictions predictions/valid --metrics metrics/blend.json --plots plots/blend`
+`python -m pipeline.stages.blend --predictions predictions/valid --metrics metrics/blend.json --plots plots/blend`
 (run by `dvc repro blend`, after every member's `evaluate`).
 
 Each member's `evaluate` wrote the logit (z_dog - z_cat, with TTA when `predict.tta`) of every validation
@@ -26,10 +26,10 @@ from scipy.optimize import minimize
 from scipy.special import expit
 
 from pipeline.config import load_params, setup_logging
-from pipeline.evaluate import evaluate, fit_temperature, log_loss, read_predictions
 from pipeline.files import atomic_write_text
 from pipeline.params.evaluate import BlendParams, EvaluateParams
 from pipeline.params.train import member_names
+from pipeline.scoring import evaluate, fit_temperature, log_loss, read_predictions
 
 log = logging.getLogger("blend")
 

@@ -1,6 +1,6 @@
 """Submit `submissions/submission.csv` to Kaggle (a command, not a DVC stage: it changes the world).
 
-`python -m pipeline.submit --submission submissions/submission.csv --prepared data/prepared --metrics
+`python -m pipeline.tools.submit --submission submissions/submission.csv --prepared data/prepared --metrics
 metrics/blend.json --predict-metrics metrics/predict.json [--message TEXT]` (run by `make submit`).
 
 Validates the file again against `sample_submission.csv` (the clip it must respect is the one predict
@@ -25,7 +25,7 @@ import pandas as pd
 
 from pipeline.config import load_params, setup_logging
 from pipeline.data import SubmissionError, read_sample_ids, validate_submission
-from pipeline.fetch import credentials_help, explain_http_error
+from pipeline.kaggle_api import credentials_help, explain_http_error
 from pipeline.params.fetch import FetchParams
 
 log = logging.getLogger("submit")
@@ -56,6 +56,11 @@ def git_commit(cwd: Path | None = None) -> str:
     return commit + ("-dirty" if dirty else "")
 
 
+def tta_note(tta) -> str:
+    """The message's TTA word: none, " tta" (the flip), or " tta=<views>"."""
+    return "" if not tta else " tta" if tta in (True, "flip") else f" tta={tta}"
+
+
 def submission_message(commit: str, blend: dict, predict: dict, note: str | None = None) -> str:
     """One line for the leaderboard: commit, members, the blend's validation accuracy and calibrated log loss, and
     the calibration predict applied (temperature, clip, TTA)."""
@@ -72,7 +77,7 @@ def submission_message(commit: str, blend: dict, predict: dict, note: str | None
     members = "+".join(name for name, weight in blend["weights"].items() if weight > 0)
     text = (
         f"{commit} {members} valid acc={blend['accuracy']:.4f} {loss} {temperature}clip={predict['clip']:.4f}"
-        f"{' tta' if predict.get('tta') else ''}"
+        f"{tta_note(predict.get('tta', False))}"
     )
     return f"{text} {note}" if note else text
 

@@ -1,6 +1,6 @@
 """The plan of a pipeline run and about how long it will take, printed before it starts (a command, not a stage).
 
-`python -m pipeline.plan --params params.yaml [-S key=value ...]` (run by `make repro`, `make offline` and
+`python -m pipeline.tools.plan --params params.yaml [-S key=value ...]` (run by `make repro`, `make offline` and
 `make offline-ensemble` before `dvc exp run`, with the same overrides, in dvc exp run -S's syntax). Prints the
 images (counted in the competition zip's listing, nothing extracted), then each member's stages with their
 phases and epochs and an estimate of each, from timing the first batches of the member's own model on this
@@ -28,7 +28,7 @@ from PIL import Image
 
 from pipeline.config import load_params, setup_logging
 from pipeline.data import preprocess
-from pipeline.features import cache_applies
+from pipeline.feature_cache import cache_applies, head_draw
 from pipeline.model import (
     build_model,
     native_bf16,
@@ -42,7 +42,8 @@ from pipeline.params.fetch import FetchParams
 from pipeline.params.predict import PredictParams
 from pipeline.params.prepare import PrepareParams
 from pipeline.params.train import FeaturesParams, TrainParams, load_member, member_names
-from pipeline.train import phases
+from pipeline.training import phases, trains_on_cache
+from pipeline.tta import view_count
 
 log = logging.getLogger("plan")
 KAGGLE_COUNTS = (25_000, 12_500)  # the competition's train and test images, before a download is there to count
@@ -157,7 +158,8 @@ def member_speeds(p: TrainParams, device: torch.device) -> dict[str, float]:
         return step
 
     speeds = {}
-    if any(not on_cache(p, finetune) for finetune, _, _ in phases(p)):  # a phase trains on images
+    cached = cache_applies(p) is None
+    if any(not trains_on_cache(finetune, cached) for finetune, _, _ in phases(p)):  # a phase trains on images
         set_train_mode(model, "all", p.freeze_bn, p.frozen_groups)
         speeds["train"] = timed(train_step) / p.batch_size
     model.eval()
@@ -166,20 +168,17 @@ def member_speeds(p: TrainParams, device: torch.device) -> dict[str, float]:
     return speeds
 
 
-def on_cache(p: TrainParams, finetune: str) -> bool:
-    """Whether a phase trains on the features stage's cached activations (as train decides)."""
-    return cache_applies(p) is None and finetune != "all"
-
-
-def member_plan(p: TrainParams, n: Counts, speeds: dict, decode: float, tta: bool) -> list[tuple[str, str, float]]:
+def member_plan(p: TrainParams, n: Counts, speeds: dict, decode: float, tta) -> list[tuple[str, str, float]]:
     """[(stage, what it does, estimated seconds)] for one member."""
     fwd, fwd32 = speeds["forward"] + decode, speeds["forward_fp32"] + decode
-    views = 2 if tta else 1
+    views = view_count(tta)
+    in_views = {1: "", 2: " + mirrors"}.get(views, f" + mirrors and closer crops ({views} views each)")
     plan = []
     if cache_applies(p) is None:
-        plan.append(("features", f"{n.train + n.valid} images through the frozen body", (n.train + n.valid) * fwd))
+        cached = min(n.train, head_draw(p) or n.train) + n.valid
+        plan.append(("features", f"{cached} images through the frozen body", cached * fwd))
     for finetune, epochs, lr in phases(p):
-        if on_cache(p, finetune):
+        if trains_on_cache(finetune, cache_applies(p) is None):
             plan.append(("train", f"{finetune}: {epochs} epochs at lr {lr:g} on cached activations", 2.0 + epochs))
         else:
             drawn = min(n.train, p.epoch_images or n.train)  # train.epoch_images: a draw of them each epoch
@@ -191,9 +190,10 @@ def member_plan(p: TrainParams, n: Counts, speeds: dict, decode: float, tta: boo
             plan.append(("train", what, epochs * per_epoch))
     if p.refit:
         plan.append(("train", "refit on train + valid", sum(s for st, _, s in plan if st == "train") * 1.2))
-    plan.append(("evaluate", f"{n.valid} validation images{' + mirrors' if tta else ''}", n.valid * views * fwd32))
+    per_image = fwd32 + (views - 1) * speeds["forward_fp32"]  # decoded once, then each view through the model
+    plan.append(("evaluate", f"{n.valid} validation images{in_views}", n.valid * per_image))
     plan.append(("export", "ONNX, its parity check and int8 on the validation images", 20 + 2 * n.valid * fwd32))
-    plan.append(("predict", f"{n.test} test images{' + mirrors' if tta else ''}", n.test * views * fwd32))
+    plan.append(("predict", f"{n.test} test images{in_views}", n.test * per_image))
     return plan
 
 

@@ -1,6 +1,6 @@
 """`dvc plots show` that draws every chart with no network: the Vega scripts go inside the page.
 
-`python -m pipeline.plots [--out dvc_plots] [--template .dvc/tmp/plots-offline.html] [TARGET ...]` (`make plots`),
+`python -m pipeline.tools.plots [--out dvc_plots] [--template .dvc/tmp/plots-offline.html] [TARGET ...]` (`make plots`),
 then open dvc_plots/index.html.
 
 DVC's own page loads vega, vega-lite and vega-embed from cdn.jsdelivr.net, so offline every chart is blank. DVC
@@ -70,13 +70,15 @@ def vega_bundle() -> str:
         import vl_convert
     except ImportError:
         raise SystemExit(
-            "pipeline.plots: vl-convert-python is not installed, and it holds the Vega scripts the page needs offline: "
+            "pipeline.tools.plots: vl-convert-python is not installed, and it holds the Vega scripts the page needs "
+            "offline: "
             "run 'make install' (it is a dependency in pyproject.toml) or '.venv/bin/pip install vl-convert-python'"
         ) from None
     versions = [v for v in vl_convert.get_vegalite_versions() if v.split(".")[0] == VEGA_LITE_MAJOR]
     if not versions:
         raise SystemExit(
-            f"pipeline.plots: this vl-convert-python ({vl_convert.__version__}) has no Vega-Lite {VEGA_LITE_MAJOR}.x "
+            f"pipeline.tools.plots: this vl-convert-python ({vl_convert.__version__}) has no Vega-Lite "
+            f"{VEGA_LITE_MAJOR}.x "
             f"(it has {', '.join(vl_convert.get_vegalite_versions())}), which DVC's plot templates are written for: "
             "install an older vl-convert-python"
         )
@@ -88,7 +90,7 @@ def offline_template(bundle: str) -> str:
     """DVC's HTML template with `bundle` inlined in <head> and no `{scripts}`, so no CDN <script> is added."""
     if "</script" in bundle.lower() or any(p in bundle for p in DVC_PLACEHOLDERS):
         raise SystemExit(
-            "pipeline.plots: the Vega bundle contains '</script' or a DVC placeholder: it cannot be inlined"
+            "pipeline.tools.plots: the Vega bundle contains '</script' or a DVC placeholder: it cannot be inlined"
         )
     return PAGE.replace("@BUNDLE@", bundle)
 
@@ -106,12 +108,14 @@ def show_plots(template: Path, out: Path, targets: list[str]) -> Path:
     done = subprocess.run([*cmd, *targets], capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(
-            f"pipeline.plots: 'dvc plots show' failed (exit {done.returncode}); run it from the project root, and "
+            f"pipeline.tools.plots: 'dvc plots show' failed (exit {done.returncode}); run it from the project root, "
+            "and "
             f"'dvc repro' first if the plot files are missing:\n{done.stdout}{done.stderr}"
         )
     if not index.exists():
         raise SystemExit(
-            f"pipeline.plots: 'dvc plots show' drew nothing, no plot file found: run 'dvc repro' first\n{done.stderr}"
+            "pipeline.tools.plots: 'dvc plots show' drew nothing, no plot file found: run 'dvc repro' first\n"
+            f"{done.stderr}"
         )
     return index
 
@@ -128,7 +132,7 @@ def main(argv=None) -> None:
     index = show_plots(args.template, args.out, args.targets)
     html = index.read_text(encoding="utf-8")
     if remote := remote_sources(html):
-        raise SystemExit(f"pipeline.plots: {index} still loads {', '.join(remote)}: it would be blank offline")
+        raise SystemExit(f"pipeline.tools.plots: {index} still loads {', '.join(remote)}: it would be blank offline")
     log.info("%d charts, no network needed: %s", html.count("vegaEmbed('#"), index.resolve().as_uri())
 
 

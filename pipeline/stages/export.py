@@ -1,23 +1,12 @@
 """Stage `export`: a member's model -> ONNX, checked against PyTorch before it replaces the previous export.
 
-`python -m pipeline.export --model models/model.pt --data data/prepared --out models/onnx/model --metrics
-metrics/members/model/export.json` (run by `dvc repro export@model`, for the member `model`).
-
-The graph is the model plus a softmax: input `image` float32 (N, 3, H, W) NCHW, normalised as
-`pipeline.data.preprocess` does, with a dynamic batch axis; output `probs` (N, 2), P(cat), P(dog). The
-dynamo exporter writes `model.onnx` and its weights beside it in `model.onnx.data`, so the output is
-the folder. The model's contract (classes, input size, layout, mean/std, weights, params hash) goes into
-the ONNX `metadata_props`: predict and the service need nothing but the folder. The export is written to
-a temporary folder and renamed into place only after it passes its own check: `onnx.checker`, ONNX
-Runtime loads it (IR version <= 13 for onnxruntime 1.31), and ONNX Runtime agrees with PyTorch on real
-validation images to `export.tolerance`. A failed check stops the stage with the output path untouched.
-
-`export.variants` adds faster copies of the model beside it, each scored against it on the validation
-set (`pipeline.variants`). A variant worse than the bounds allow is refused, not kept: its figures and the
-reason go to `metrics/members/<member>/export.json` and `variants.json` in the folder, and the stage's last
-log line says so; the pipeline goes on with fp32 (`export.strict: true` fails the stage instead). A failed
-export removes its temporary folder (`export.keep_failed: true` keeps it to inspect). predict and the service
-choose a variant by param.
+`python -m pipeline.stages.export --model models/model.pt --data data/prepared --out models/onnx/model --metrics
+metrics/members/model/export.json` (run by `dvc repro export@model`, for the member `model`). The graph is the model
+plus a softmax (`image` (N, 3, H, W) -> `probs` (N, 2)), its weights beside it, and the model's contract
+(preprocessing, classes, layout) in its metadata, so predict and the service need nothing but the folder. It is
+written to a temporary folder and renamed into place only once `onnx.checker`, ONNX Runtime and the parity with
+PyTorch on validation images (`export.tolerance`) pass. `export.variants` adds faster copies (int8, fp16), each scored
+against fp32 on the validation set (`pipeline.variants`): a worse one is refused and recorded, and fp32 is used.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Stage `package`: import one member's ONNX folder into the BentoML model store, for `serving/service.py`.
 
-`python -m pipeline.package --onnx models/onnx --metrics metrics/members --blend metrics/blend.json --out
+`python -m pipeline.stages.package --onnx models/onnx --metrics metrics/members --blend metrics/blend.json --out
 models/bentoml-model.json` (run by `dvc repro package`): the member is `package.member`, or with `best` the
 member with the lowest calibrated validation log loss in metrics/blend.json; its folders are
 `<onnx>/<member>` and `<metrics>/<member>`. Without `--blend`, `--onnx` and `--metrics` are the model's own

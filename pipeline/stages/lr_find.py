@@ -1,6 +1,6 @@
 """Stage `lr_find`: the 2019 lesson's learning-rate finder, on the cached activations (or the images).
 
-`python -m pipeline.lr_find --member model --data data/prepared --features data/features/model --out
+`python -m pipeline.stages.lr_find --member model --data data/prepared --features data/features/model --out
 plots/model/lr_find --metrics metrics/lr_find/model.json` (run by `dvc repro lr_find@model`, for the member
 `model`; `dvc plots show` draws loss vs lr).
 
@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.config import load_params, setup_logging
-from pipeline.features import cache_cut, load_cache
+from pipeline.feature_cache import load_cache
 from pipeline.files import atomic_write_text
 from pipeline.model import (
     autocast,
@@ -35,10 +35,9 @@ from pipeline.model import (
     preprocessing,
     set_train_mode,
     to_device,
-    trainable_part,
 )
 from pipeline.params.train import LrFindParams, load_member
-from pipeline.train import fresh_model, make_loaders, phases
+from pipeline.training import fresh_model, phase_setup, phases, serves_cache
 
 log = logging.getLogger("lr_find")
 
@@ -106,10 +105,10 @@ def main(argv=None) -> None:
     device = pick_device(p.device)
     model = fresh_model(p, device)
     cache = load_cache(args.features, p, args.data)
-    finetune = cache_cut(p) if cache is not None else phases(p)[0][0]  # what train trains first
+    finetune = phases(p)[0][0]  # what train trains first (fine_tune: the head, on the cache)
     gen = torch.Generator().manual_seed(p.seed)
-    train_loader, _ = make_loaders(args.data, cache, p, preprocessing(p.arch, p.image_size), device, gen)
-    net = trainable_part(model, finetune) if cache is not None else model
+    pre = preprocessing(p.arch, p.image_size)
+    train_loader, _, net = phase_setup(model, finetune, args.data, cache, p, pre, device, gen)
     set_train_mode(model, finetune, p.freeze_bn, p.frozen_groups)
     groups = param_groups(model, finetune, 1.0, p.body_lr_factor, p.frozen_groups)  # lr 1: each group's factor
     for g in groups:
@@ -124,7 +123,7 @@ def main(argv=None) -> None:
         )
     current = p.head_lr if finetune == "head" and p.finetune == "all" else p.lr
     key = "train.head_lr" if finetune == "head" and p.finetune == "all" else "train.lr"
-    result = {"finetune": finetune, "on": "cached activations" if cache is not None else "images",
+    result = {"finetune": finetune, "on": "cached activations" if serves_cache(train_loader) else "images",
               "steps": len(curve), "suggested_lr": suggestion, "current_lr": current, "key": key}  # fmt: skip
     atomic_write_text(args.metrics, json.dumps(result, indent=2) + "\n")
     log.info(

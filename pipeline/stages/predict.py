@@ -1,20 +1,14 @@
 """Stage `predict`: the test set through the ONNX model -> a checked, clipped `submissions/submission.csv`.
 
-`python -m pipeline.predict --onnx models/onnx --data data/prepared --blend metrics/blend.json --labels
+`python -m pipeline.stages.predict --onnx models/onnx --data data/prepared --blend metrics/blend.json --labels
 data/raw/demo_test_labels.csv --submission submissions/submission.csv --metrics metrics/predict.json
---member-logits predictions/test` (run by `dvc repro predict`).
-
-ONNX Runtime runs on CUDA when the session really gets it (onnxruntime-gpu falls back to CPU without
-raising, so `session.get_providers()` decides) and on CPU otherwise; `predict.variant` picks the model
-file (auto: fp16 on CUDA when it passed export's check, else fp32: never int8 on CPU, whose results depend
-on the CPU's int8 kernels, so the submission is the same file on every CPU); the log and the metrics say
-which. Threads decode and resize the JPEGs a few batches ahead of the model. `sample_submission.csv` is
-the authority on the ids: an id whose image is missing, was rejected by prepare or does not decode gets
-P(dog) = 0.5 and is listed in the metrics and the log, never dropped. P(dog) is calibrated as `blend`
-chose on the validation set (`pipeline.calibration`: a temperature when it beat the clip alone there, then a
-clip to [c, 1-c]), or clipped at a fixed c, and the file is validated against the sample before it is written,
-atomically. With the demo's hidden labels the submission is scored (log loss, accuracy), so the whole chain, ids
-included, is checked end to end.
+--member-logits predictions/test` (run by `dvc repro predict`). ONNX Runtime runs each member on CUDA when the
+session really gets it, else on CPU (`predict.variant` auto: fp16 on CUDA when it passed export's check, else fp32,
+never int8, so the submission is the same file on every CPU), with JPEG decoding in threads ahead of the model and
+the TTA views evaluate averaged. The members' logits are blended and calibrated as `blend` chose on validation
+(`pipeline.calibration`). `sample_submission.csv` is the authority on the ids: an image that is missing, rejected or
+unreadable gets P(dog) = 0.5 and is listed, never dropped. The file is validated before it is written, atomically;
+with the demo's hidden labels it is scored.
 """
 
 from __future__ import annotations
@@ -42,13 +36,14 @@ from pipeline.data import (
     SubmissionError,
     load_image,
     open_model,
-    preprocess_as,
+    preprocess_crops,
     read_metadata,
     read_sample_ids,
     validate_submission,
 )
 from pipeline.files import atomic_write, atomic_write_text
 from pipeline.params.predict import PredictParams
+from pipeline.tta import crop_sizes
 
 log = logging.getLogger("predict")
 UNREADABLE_P = 0.5  # an image we cannot see: P = 0.5 costs log 2, the least when nothing is known
@@ -64,10 +59,12 @@ def rejected_by_prepare(data: Path) -> dict[int, str]:
     return {int(Path(r["path"]).stem): r["reason"] for r in rows}
 
 
-def load_input(path: Path, meta: dict, max_pixels: int) -> np.ndarray | ImageError:
-    """One image as the model's input (3, H, W), or the reason it cannot be. Runs in a decode thread."""
+def load_input(path: Path, meta: dict, max_pixels: int, tta) -> np.ndarray | ImageError:
+    """One image as the model's input, (3, H, W) or its K crops (K, 3, H, W) (`predict.tta`), or the reason it cannot
+    be. Runs in a decode thread."""
     try:
-        return preprocess_as(load_image(path, max_pixels, meta["resize_size"]), meta)  # as the service decodes
+        crops = crop_sizes(tta, meta["resize_size"])  # JPEGs decode to the largest crop's size at least
+        return preprocess_crops(load_image(path, max_pixels, max(crops)), meta, crops)  # as the service does
     except ImageError as e:
         return e
 
@@ -150,7 +147,7 @@ def predict_member(session, meta: dict, images: dict[int, Path], p: PredictParam
     z: dict[int, float] = {}
     unreadable: dict[int, str] = {}
     todo = list(images)
-    load = lambda i: load_input(images[i], meta, p.max_pixels)  # noqa: E731
+    load = lambda i: load_input(images[i], meta, p.max_pixels, p.tta)  # noqa: E731
     with ThreadPoolExecutor(p.workers or os.cpu_count() or 1) as pool:
         batches = decoded_batches(todo, load, p.batch_size, pool)
         for batch, results in tqdm(batches, desc="predict", total=-(-len(todo) // p.batch_size), mininterval=2):

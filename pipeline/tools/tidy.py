@@ -1,4 +1,4 @@
-"""Remove what killed runs left and no later run will: `python -m pipeline.tidy` (`make tidy`; the Makefile's
+"""Remove what killed runs left and no later run will: `python -m pipeline.tools.tidy` (`make tidy`; the Makefile's
 pipeline targets run it after `dvc repro`).
 
 A killed `train@<member>` leaves its checkpoint (up to about 1.6 GB: VGG16 fine-tuned whole, with AdamW's two
@@ -35,15 +35,15 @@ log = logging.getLogger("tidy")
 def train_runs(repo) -> list[argparse.Namespace]:
     """The arguments of each `train` stage's command in the dvc.yaml of `repo` (a dvc Repo), its paths from the
     stage's folder."""
-    from pipeline.train import parse_args
+    from pipeline.checkpoint import train_arguments
 
     runs = []
     for stage in repo.index.stages:
         for cmd in [stage.cmd] if isinstance(stage.cmd, str) else stage.cmd or []:
             words = shlex.split(cmd)
-            if words[1:3] != ["-m", "pipeline.train"]:
+            if words[1:3] != ["-m", "pipeline.stages.train"]:
                 continue
-            args = parse_args(words[3:])
+            args = train_arguments(words[3:])
             for name in ("data", "model", "checkpoint", "params"):
                 setattr(args, name, Path(stage.wdir) / getattr(args, name))
             runs.append(args)
@@ -67,7 +67,8 @@ def leftover_temporaries(outputs: list[Path]) -> list[Path]:
 
 
 def package_staging(model_name: str) -> list[Path]:
-    """BentoML's staging folders of `model_name` that a killed `package` left (pipeline/package.py: own_staging)."""
+    """BentoML's staging folders of `model_name` that a killed `package` left (pipeline/stages/package.py:
+    own_staging)."""
     staging = Path(os.environ.get("BENTOML_HOME", "~/bentoml")).expanduser() / "tmp" / "package"
     return sorted(staging.glob(f"bentoml-model-{model_name}-*"))
 
@@ -77,8 +78,8 @@ def resumable(run: argparse.Namespace) -> bool:
     (say `dvc checkout` put the last finished run's model back while params.yaml still holds the killed run's)."""
     import torch
 
+    from pipeline.checkpoint import run_key
     from pipeline.params.train import load_member
-    from pipeline.train import run_key
 
     if not (run.data / "manifest.csv").exists():
         return True  # no prepared data to compare with: keep it

@@ -1,6 +1,6 @@
 """Stage `fetch`: get the competition zip (Kaggle API, the offline demo generator, or a local copy).
 
-`python -m pipeline.fetch --zip data/raw/dogs-vs-cats-redux-kernels-edition.zip --labels
+`python -m pipeline.stages.fetch --zip data/raw/dogs-vs-cats-redux-kernels-edition.zip --labels
 data/raw/demo_test_labels.csv` (run by `dvc repro fetch`). `fetch.source` in params.yaml picks:
 - `kaggle`: `KaggleApi.competition_download_files`; needs credentials and the rules accepted;
 - `demo`: the seeded synthetic data set of `pipeline.demo`, plus its hidden test labels;
@@ -26,6 +26,7 @@ from pathlib import Path
 from pipeline.config import load_params, setup_logging
 from pipeline.demo import write_demo_zip
 from pipeline.files import atomic_folder
+from pipeline.kaggle_api import credentials_help, explain_http_error
 from pipeline.params.fetch import FetchParams
 
 log = logging.getLogger("fetch")
@@ -35,37 +36,6 @@ DOWNLOADS = "downloads"  # the browser zip's home, relative to the project root 
 
 class FetchError(RuntimeError):
     """The data could not be fetched; the message says what to do."""
-
-
-def credentials_help(competition: str) -> str:
-    return (
-        "No Kaggle credentials found. Create an API token on https://www.kaggle.com/settings "
-        "(API > Create New Token), then either set KAGGLE_API_TOKEN=<token> or save the token to "
-        "~/.kaggle/access_token (the legacy ~/.kaggle/kaggle.json with username and key also works; "
-        "chmod 600 it). A zip downloaded in a browser from "
-        f"https://www.kaggle.com/competitions/{competition}/data works too: put it in downloads/ and run "
-        f"'make repro ZIP=downloads/{competition}.zip'. To try the pipeline without Kaggle, run 'make demo' "
-        "('make repro' puts params.yaml back to the demo's values when it fails)."
-    )
-
-
-def explain_http_error(competition: str, status: int | None, detail: str) -> str:
-    url = f"https://www.kaggle.com/competitions/{competition}"
-    if status == 403:
-        return (
-            f"Kaggle refused the download (403: {detail}). You must accept the competition rules "
-            f"once, in a browser, logged in as the account of your token: open {url}/rules and click "
-            "'I Understand and Accept', then run 'dvc repro fetch' again."
-        )
-    if status == 401:
-        return (
-            f"Kaggle rejected the credentials (401: {detail}). The token is wrong or expired: create "
-            "a new one on https://www.kaggle.com/settings and update KAGGLE_API_TOKEN, "
-            "~/.kaggle/access_token or ~/.kaggle/kaggle.json."
-        )
-    if status == 404:
-        return f"Kaggle has no competition '{competition}' (404: {detail}): check fetch.competition."
-    return f"Kaggle answered HTTP {status} ({detail}). Check {url} and try again later."
 
 
 def download_from_kaggle(competition: str, dest: Path) -> Path:

@@ -1,6 +1,6 @@
 """Set keys of params.yaml from the command line, keeping its comments and layout (as `dvc exp run -S` does).
 
-`python -m pipeline.setparams params.yaml fetch.source=demo train.lr=0.01 ...` (run by `make demo`). Not a
+`python -m pipeline.tools.setparams params.yaml fetch.source=demo train.lr=0.01 ...` (run by `make demo`). Not a
 stage: `make demo` uses it to put back the demo's values of the keys `make repro` overrides, when
 params.yaml still holds a real run's values (`fetch.source` other than `demo`), so the demo always runs
 offline on the demo data. Each value is parsed as YAML (`0.01` a number, `none` a string); an unknown
