@@ -44,8 +44,11 @@ DEMO_PARAMS = fetch.source=demo prepare.valid_per_class=150 prepare.valid_fracti
 	train.weights=none train.image_size=128 \
 	train.lr=0.01 train.epochs=40 train.arch=vgg16 train.finetune=head train.augment=false train.head_epochs=0 \
 	train.head_lr=0.002 train.body_lr_factor=0.1 train.min_scale=0.35 train.freeze_bn=false train.frozen_groups=0 train.precision=fp32 \
-	predict.tta=false \
+	train.nproc=1 predict.tta=false \
 	'members={model:{}}'
+
+# NPROC=N (make repro, offline, offline-ensemble): train and features in N processes under torchrun (N GPUs; README)
+RUN_PARAMS = $(KAGGLE_PARAMS) $(if $(NPROC),train.nproc=$(NPROC))
 
 # what the messages of the repro recipe call it (make offline runs it too)
 GOAL ?= repro
@@ -82,10 +85,10 @@ repro: install
 	@if [ -n "$(ZIP)" ] && [ ! -e "$(ZIP)" ]; then echo "make $(GOAL): ZIP=$(ZIP) does not exist" >&2; exit 2; fi
 	@if [ -e .params.yaml.before-repro ]; then mv -f .params.yaml.before-repro params.yaml; \
 	  echo "make $(GOAL): params.yaml put back as it was before an interrupted make $(GOAL)" >&2; fi
-	@$(BIN)/python -m pipeline.tools.plan $(addprefix -S ,$(KAGGLE_PARAMS))
+	@$(BIN)/python -m pipeline.tools.plan $(addprefix -S ,$(RUN_PARAMS))
 	@cp params.yaml .params.yaml.before-repro
 	@trap 'mv -f .params.yaml.before-repro params.yaml; echo "make $(GOAL) interrupted; params.yaml is back as it was before" >&2; exit 130' INT TERM; \
-	if $(BIN)/dvc exp run $(addprefix -S ,$(KAGGLE_PARAMS)); then rm -f .params.yaml.before-repro; \
+	if $(BIN)/dvc exp run $(addprefix -S ,$(RUN_PARAMS)); then rm -f .params.yaml.before-repro; \
 	  $(BIN)/dvc checkout --relink --quiet; $(BIN)/python -m pipeline.tools.tidy; else \
 	  mv -f .params.yaml.before-repro params.yaml; \
 	  echo "make $(GOAL) failed (see above); params.yaml is back as it was before, and 'make demo' runs the demo" >&2; \

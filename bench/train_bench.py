@@ -12,7 +12,7 @@
 The batch is 8 on CPU; on CUDA it is the largest power of two (32 to 1024) at which a full training step
 fits in the GPU's memory, found by trying each (`largest_batch`), unless --batch-size sets it. Each figure
 is measured over a short window after a warm-up, with the pipeline's own code
-(`train_one_epoch`, `frozen_part`, `ArrayDataset`), on synthetic tensors for the compute figures so that
+(`train_steps`, `frozen_part`, `ArrayDataset`), on synthetic tensors for the compute figures so that
 data loading does not hide in them. Compare figures within one run: this machine is noisy.
 """
 
@@ -49,7 +49,7 @@ from pipeline.model import (  # noqa: E402
     to_device,
 )
 from pipeline.params.fetch import DemoParams  # noqa: E402
-from pipeline.training import ArrayDataset, train_one_epoch  # noqa: E402
+from pipeline.training import ArrayDataset, train_steps  # noqa: E402
 
 
 def timed(fn, seconds: float, warmup: int, device: torch.device) -> tuple[float, int]:
@@ -71,7 +71,7 @@ def sync(device: torch.device) -> None:
 
 
 def train_step(finetune: str, size: int, device: torch.device):
-    """step(batch) -> batch: one train_one_epoch step of a synthetic batch of that many images, the backbone
+    """step(batch) -> batch: one train_steps step of a synthetic batch of that many images, the backbone
     frozen or not. The batch's tensors are kept while its size stays the same (timing), remade when it
     changes (the largest-batch search)."""
     model = build_model("vgg16", "none").to(device, memory_format=torch.channels_last)
@@ -83,14 +83,14 @@ def train_step(finetune: str, size: int, device: torch.device):
         if not data or len(data[0][1]) != batch:
             data[:] = [(torch.randn(batch, 3, size, size), torch.randint(0, 2, (batch,)))]
         set_train_mode(model, finetune)
-        train_one_epoch(model, data, opt, sched, device, desc=finetune)
+        train_steps(model, data, opt, sched, device, desc=finetune)
         return batch
 
     return step
 
 
 def train_step_img_s(finetune: str, bs: int, size: int, device, seconds: float, warmup: int) -> float:
-    """Images/s of train_one_epoch over synthetic batches, the backbone frozen or not."""
+    """Images/s of train_steps over synthetic batches, the backbone frozen or not."""
     step = train_step(finetune, size, device)
     return timed(lambda: step(bs), seconds, warmup, device)[0]
 
@@ -124,10 +124,10 @@ def head_cached_img_s(bs: int, device, n: int = 8192) -> float:
         arr.flush()
         ds = ArrayDataset(np.load(f"{tmp}/x.npy", mmap_mode="r"), np.random.default_rng(1).integers(0, 2, n))
         loader = DataLoader(ds, batch_size=bs, shuffle=True, pin_memory=device.type == "cuda")
-        train_one_epoch(head, loader, opt, sched, device, desc="warm-up")
+        train_steps(head, loader, opt, sched, device, desc="warm-up")
         sync(device)
         t0 = time.perf_counter()
-        train_one_epoch(head, loader, opt, sched, device, desc="head cached")
+        train_steps(head, loader, opt, sched, device, desc="head cached")
         sync(device)
         return n / (time.perf_counter() - t0)
 

@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import logging
 import random
 import sys
 from pathlib import Path
@@ -19,12 +20,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.files import atomic_write
+from pipeline.files import atomic_write, remove_leftover, temporary_sibling
 from pipeline.model import (
     is_trainable,
     trainable_module,
 )
 from pipeline.params.train import TrainParams
+
+log = logging.getLogger("train")
 
 
 def run_key(p: TrainParams, data: Path) -> str:
@@ -94,3 +97,13 @@ def train_arguments(argv=None) -> argparse.Namespace:
     parser.add_argument("--member", help="params.yaml members.<name>: its overrides of train (none: train alone)")
     parser.add_argument("--params", default="params.yaml")
     return parser.parse_args(argv)
+
+
+def remove_leftovers(model: Path, checkpoint: Path) -> None:
+    """Before a run, what an abandoned or killed one left: a model beside a checkpoint, half-written files."""
+    if model.exists():  # a model beside a checkpoint means its run was abandoned (make tidy)
+        model.unlink()
+        log.info("removed the previous %s", model)
+    for tmp in (temporary_sibling(model), temporary_sibling(checkpoint)):  # a SIGKILL during a save
+        if (size := remove_leftover(tmp)) is not None:  # a 174 MB model, a checkpoint up to 1.6 GB: free it first
+            log.info("removed %s (%.1f MB), left by an interrupted write", tmp, size / 1e6)

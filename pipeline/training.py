@@ -7,6 +7,7 @@ activations, then everything) with these pieces; `lr_find` sweeps the learning r
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from pathlib import Path
@@ -16,10 +17,12 @@ import torch
 import torch.nn.functional as F
 from sklearn.metrics import log_loss
 from torch import nn
-from torch.utils.data import ConcatDataset, DataLoader, Dataset, RandomSampler
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import BatchSampler, ConcatDataset, DataLoader, Dataset, RandomSampler
 from torchvision.datasets import ImageFolder
 from tqdm import tqdm
 
+from pipeline.distributed import ONE, Ranks, ShardedBatches, gather, shard
 from pipeline.model import (
     CLASSES,
     WeightsError,
@@ -48,17 +51,29 @@ def phases(p: TrainParams) -> list[tuple[str, int, float]]:
 ETA_BATCHES = 20  # the first batches of a phase, timed for its estimate (the first few are slower: warm-up)
 
 
-def train_one_epoch(
-    net, loader, optimizer, scheduler, device, desc="train", bf16: bool | None = None, epochs_left: int = 0
+def train_steps(
+    net,
+    batches,
+    optimizer,
+    scheduler,
+    device,
+    desc="train",
+    bf16: bool | None = None,
+    epochs_left: int = 0,
+    after_step=None,
+    total: int | None = None,
 ) -> float:
-    """One pass over `loader` (images, or cached activations for the trainable part); the mean loss. `bf16`: under
-    bf16 autocast (None: on CUDA only). `epochs_left` > 0: log an estimate of the phase's time, these epochs
-    included, from the first ETA_BATCHES batches."""
-    total, count = 0.0, 0
+    """The one training loop: a step of AdamW and its schedule per batch of `batches` (images, or cached activations
+    for the trainable part); the mean loss over this rank's images. Every phase of `train`, its refit and `lr_find`
+    step through it. `bf16`: under bf16 autocast (None: on CUDA only). `epochs_left` > 0: log an estimate of the
+    phase's time, these epochs included, from the first ETA_BATCHES batches. `after_step(step, loss)` returning
+    True stops the loop (lr_find's blow-up)."""
+    total_loss, count = 0.0, 0
+    total = len(batches) if total is None else total
     t0 = time.perf_counter()
-    for batch, (x, y) in enumerate(tqdm(loader, desc=desc, leave=False, mininterval=2), 1):
-        if epochs_left and batch == ETA_BATCHES + 1 and len(loader) > 2 * ETA_BATCHES:
-            per_epoch = (time.perf_counter() - t0) / ETA_BATCHES * len(loader)
+    for step, (x, y) in enumerate(tqdm(batches, desc=desc, leave=False, mininterval=2, total=total)):
+        if epochs_left and step == ETA_BATCHES and total > 2 * ETA_BATCHES:
+            per_epoch = (time.perf_counter() - t0) / ETA_BATCHES * total
             log.info(
                 "%s: ~%.1f min an epoch (from its first %d batches), ~%.0f min for the phase's %d epoch(s) left",
                 desc, per_epoch / 60, ETA_BATCHES, per_epoch * epochs_left / 60, epochs_left,
@@ -71,13 +86,18 @@ def train_one_epoch(
         loss.backward()
         optimizer.step()
         scheduler.step()
-        total += loss.item() * len(y)  # note: a CPU-GPU sync point, once per batch
+        value = loss.item()  # note: a CPU-GPU sync point, once per batch
+        total_loss += value * len(y)
         count += len(y)
-    return total / count
+        if after_step is not None and after_step(step, value):
+            break
+    return total_loss / count
 
 
-def validate(model, loader, device, bf16: bool | None = None) -> dict:
-    logits, y = predict_logits(model, loader, device, bf16=bf16)
+def validate(model, loader, device, bf16: bool | None = None, ranks: Ranks = ONE) -> dict:
+    """Accuracy and log loss over the valid loader; with several ranks, each predicts its shard and all gather."""
+    model = model.module if isinstance(model, DistributedDataParallel) else model  # no collectives: shards differ
+    logits, y = gather(*predict_logits(model, loader, device, bf16=bf16), ranks)
     t = torch.from_numpy(logits)
     p_dog = torch.softmax(t, 1)[:, 1].numpy()
     # no separate valid cross-entropy: with two classes it is this log loss (the same curve drawn twice)
@@ -108,9 +128,11 @@ def make_loaders(
     device: torch.device,
     gen: torch.Generator,
     fit_on: tuple[str, ...] = ("train",),
+    ranks: Ranks = ONE,
 ) -> tuple[DataLoader, DataLoader]:
     """Loaders over the splits `fit_on` (shuffled, augmented) and over valid, of images or of cached activations
-    when `cache` is given. Both paths shuffle with the same seeded generator `gen`, so they see the same batches."""
+    when `cache` is given. Both paths shuffle with the same seeded generator `gen`, so they see the same batches.
+    With several ranks, each takes its share of every global batch and its shard of valid."""
     if cache is not None:
         fit = [ArrayDataset(*cache[s]) for s in fit_on]
         valid_ds = ArrayDataset(*cache["valid"])
@@ -123,21 +145,30 @@ def make_loaders(
                 raise SystemExit(f"{ds.root} holds {ds.classes}, expected {list(CLASSES)}: run 'dvc repro prepare'")
         workers = p.workers
     train_ds = fit[0] if len(fit) == 1 else ConcatDataset(fit)
+    if len(train_ds) < ranks.world:
+        raise SystemExit(f"{len(train_ds)} training images for {ranks.world} processes: lower train.nproc")
     # no persistent_workers: fresh workers each epoch draw their seeds from `gen`, whose state the checkpoint
     # keeps, so a resumed run augments exactly as an uninterrupted one (persistent ones seed once, at start)
-    kw = dict(batch_size=p.batch_size, num_workers=workers, pin_memory=device.type == "cuda")
+    kw = dict(num_workers=workers, pin_memory=device.type == "cuda")
     if cache is None and 0 < p.epoch_images < len(train_ds):  # a new draw of epoch_images each epoch, no repeats
-        order = dict(sampler=RandomSampler(train_ds, num_samples=p.epoch_images, generator=gen))
+        order = RandomSampler(train_ds, num_samples=p.epoch_images, generator=gen)
     else:
-        order = dict(shuffle=True, generator=gen)
+        order = RandomSampler(train_ds, generator=gen)  # as shuffle=True draws it
+    drop_last = len(train_ds) > p.batch_size
+    if ranks.joined:  # the 1-process run's batches, this rank's share of each; its own augmentations
+        batching = dict(batch_sampler=ShardedBatches(BatchSampler(order, p.batch_size, drop_last), ranks))
+        batching["worker_init_fn"] = functools.partial(seed_rank, p.seed, ranks.rank)
+    else:
+        batching = dict(sampler=order, batch_size=p.batch_size, drop_last=drop_last)
     return (
-        DataLoader(train_ds, drop_last=len(train_ds) > p.batch_size, **order, **kw),
-        DataLoader(valid_ds, shuffle=False, **kw),
+        DataLoader(train_ds, **batching, generator=gen, **kw),  # valid's loader draws nothing from gen
+        DataLoader(shard(valid_ds, ranks), batch_size=p.batch_size, shuffle=False, **kw),
     )
 
 
-def fresh_model(p: TrainParams, device: torch.device) -> nn.Module:
-    """The arch with `train.weights` and a new head, the same for the same seed (random weights come from it)."""
+def fresh_model(p: TrainParams, device: torch.device, ranks: Ranks = ONE) -> nn.Module:
+    """The arch with `train.weights` and a new head, the same for the same seed (random weights come from it); then
+    each rank but rank 0 draws its own dropout masks and augmentations (`seed_rank`)."""
     torch.manual_seed(p.seed)
     try:
         model = build_model(p.arch, p.weights)
@@ -145,7 +176,15 @@ def fresh_model(p: TrainParams, device: torch.device) -> nn.Module:
         trainable_module(model, p.finetune), frozen_names(model, p.finetune, p.frozen_groups)
     except WeightsError as e:  # offline without the ImageNet file, a bad train.weights path, or the above
         raise SystemExit(str(e)) from None
+    seed_rank(p.seed, ranks.rank)
     return model.to(device, memory_format=torch.channels_last)
+
+
+def seed_rank(seed: int, rank: int, worker: int | None = None) -> None:
+    """Rank `rank` > 0 (and its DataLoader workers) draw from their own seeds, rank 0 as a 1-process run does."""
+    if rank:
+        base = seed if worker is None else torch.initial_seed()  # a worker's: the loader's base seed + its number
+        torch.manual_seed((base + 1_000_003 * rank) % 2**63)
 
 
 def make_optimizer(model: nn.Module, p: TrainParams, finetune: str, lr: float, steps: int):
@@ -180,14 +219,22 @@ def phase_setup(
     gen: torch.Generator,
     fit_on: tuple[str, ...] = ("train",),
     compiled: bool = False,
+    ranks: Ranks = ONE,
 ) -> tuple[DataLoader, DataLoader, nn.Module]:
     """(train loader, valid loader, the module a step runs) for a phase that trains what `finetune` names: on the
     cached activations when the cache stops where that phase trains (the head, the dense block), so the module is
     the model's trainable part; on images otherwise (fine_tune's unfrozen phase), the whole model. Every phase of
-    `train`, its refit and `lr_find` set up alike."""
+    `train`, its refit and `lr_find` set up alike. With several ranks, the module is wrapped in DDP: its gradients
+    are averaged over the ranks at every step."""
     on_cache = trains_on_cache(finetune, cache is not None)
-    train_loader, valid_loader = make_loaders(data, cache if on_cache else None, p, pre, device, gen, fit_on)
+    train_loader, valid_loader = make_loaders(data, cache if on_cache else None, p, pre, device, gen, fit_on, ranks)
     net = trainable_part(model, finetune) if on_cache else model
+    if ranks.joined and device.type == "cuda" and not p.freeze_bn:  # BatchNorm statistics over the global batch
+        from timm.layers import convert_sync_batchnorm  # torch's, and timm's BatchNormAct2d kept with its activation
+
+        net = convert_sync_batchnorm(net)  # (gloo has no SyncBatchNorm: on CPU each rank normalises its share)
+    if ranks.joined:
+        net = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
     if compiled:
         net = torch.compile(net)  # compiles at the first batch (inductor: needs a C++ compiler on CPU)
     return train_loader, valid_loader, net

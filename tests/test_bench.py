@@ -308,3 +308,24 @@ def test_clip_floor_fits_out_of_fold_and_scores_the_test_logits_once(tmp_path):
     clip = max(best_clip(clip_curve(sigmoid(z / t), y, 0.2, 0.0005))[0], 0.02)
     expected = log_loss(yt, np.clip(sigmoid(zt / t), clip, 1 - clip))
     assert record["test"]["log_loss"] == pytest.approx(expected) and record["test"]["n"] == 100
+
+
+@pytest.mark.slow
+def test_device_check_runs_its_cpu_steps_and_lists_each_with_its_status(tmp_path):
+    """bench/device_check.sh as a lent GPU runs it, small and on CPU (DEVICE=cpu QUICK=1): the environment, then
+    train under torchrun in a world of 1 (the DDP path), which must equal the plain 1-process run."""
+    env = {**tool_env(), "DEVICE": "cpu", "QUICK": "1", "OUT": str(tmp_path), "PY": sys.executable}
+    done = subprocess.run(["bash", "bench/device_check.sh"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr + (tmp_path / "device_check_cpu.log").read_text()
+    summary = json.loads((tmp_path / "device_check_cpu.json").read_text())
+    assert summary["device"] == "cpu" and summary["steps"]["ddp"]["exit"] == "0"
+    runs = json.loads((tmp_path / "ddp_cpu.json").read_text())["runs"]
+    assert set(runs) == {"1_process", "1_process_torchrun"} and runs["1_process_torchrun"]["max_diff"] == 0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here: the check would run")
+def test_device_check_without_a_gpu_says_so_in_one_line(tmp_path):
+    env = {**tool_env(), "OUT": str(tmp_path), "PY": sys.executable}
+    done = subprocess.run(["bash", "bench/device_check.sh"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1].startswith("device_check: PyTorch sees no CUDA device"), done.stderr

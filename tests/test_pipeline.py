@@ -262,6 +262,7 @@ def test_make_demo_resets_exactly_the_keys_make_repro_and_make_offline_override_
     one_member = values("ONE_MEMBER")
     kaggle = re.findall(r"([a-z_]+\.[a-z_]+)=", " ".join(values("KAGGLE_PARAMS")))
     offline = re.findall(r"([a-z_]+\.[a-z_]+)=", " ".join(values("OFFLINE_PARAMS")))
+    nproc = re.findall(r"([a-z_]+\.[a-z_]+)=", " ".join(values("RUN_PARAMS")))  # make repro NPROC=2
     # each recipe sets the members too (one; the ensemble: three), and the demo puts its one member back
     assert one_member == ["'~members'", "'+members={model:{}}'"] and "$(ONE_MEMBER)" in values("KAGGLE_PARAMS")
     # make offline's one member has its own epochs and lr; the ensemble replaces it with its three
@@ -272,7 +273,10 @@ def test_make_demo_resets_exactly_the_keys_make_repro_and_make_offline_override_
     ).stdout
     assert "+members={lite0:{arch:efficientnet_lite0}" in planned and "epochs:4" not in planned
     assert (
-        sorted(demo) == sorted({*kaggle, *offline, "members"}) and "fetch.source" in kaggle and "train.arch" in offline
+        sorted(demo) == sorted({*kaggle, *offline, *nproc, "members"})
+        and "fetch.source" in kaggle
+        and "train.arch" in offline
+        and nproc == ["train.nproc"]
     )
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     for key, value in demo.items():

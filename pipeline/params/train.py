@@ -16,6 +16,7 @@ from pipeline.config import (
     from_dict,
     interval,
     load_yaml,
+    matching,
     text,
     zero_or_at_least,
 )
@@ -50,6 +51,20 @@ class TrainParams:
     compile: bool  # torch.compile the network (CUDA: worth it for long runs; minutes of warm-up)
     precision: Literal["auto", "fp32", "bf16"]  # features and training; auto: bf16 on CUDA and on CPUs with native
     # bf16 (AVX512_BF16 or AMX), else fp32. evaluate, export and predict always compute in fp32 on CPU
+    nproc: int = at_least(1)  # processes on this host (CUDA: one per GPU); above 1: train runs under torchrun
+    nnodes: int = at_least(1)  # hosts; above 1: each runs the train stage, meeting at rdzv_endpoint
+    rdzv_endpoint: str = matching(r"|[A-Za-z0-9.\[\]:-]+:\d+", "'' or host:port")  # nnodes > 1: torchrun's c10d
+
+    def conflict(self) -> str | None:
+        processes = self.nproc * self.nnodes
+        if self.batch_size % processes:
+            return (
+                f"batch_size ({self.batch_size}) must be a multiple of the {processes} processes (nproc x nnodes): "
+                "it is the global batch, each process takes an equal share"
+            )
+        if self.nnodes > 1 and not self.rdzv_endpoint:
+            return "nnodes > 1 needs rdzv_endpoint: host:port of the first host, reachable from every host"
+        return None
 
 
 @dataclass(frozen=True)

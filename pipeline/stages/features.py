@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 import time
 from pathlib import Path
 
@@ -25,8 +26,9 @@ from torchvision.datasets import ImageFolder
 from tqdm import tqdm
 
 from pipeline.config import load_params, setup_logging
+from pipeline.distributed import ONE, barrier, finish, launch, rank_device, start, under_torchrun
 from pipeline.feature_cache import SPLITS, cache_applies, cache_cut, cache_key, head_draw
-from pipeline.files import atomic_folder
+from pipeline.files import atomic_folder, temporary_sibling
 from pipeline.model import (
     CLASSES,
     WeightsError,
@@ -58,13 +60,13 @@ def extract(
         i += len(f)
 
 
-def write_cache(data: Path, out: Path, p: TrainParams, fp: FeaturesParams) -> dict:
-    """Compute and write the cache into `out`; returns meta.json's contents."""
+def write_cache(data: Path, out: Path, p: TrainParams, fp: FeaturesParams, device: torch.device, ranks=ONE) -> dict:
+    """Compute and write the cache into `out`; returns meta.json's contents. With several ranks, each computes a
+    contiguous block of every split's rows into the one array rank 0 creates."""
     reason = cache_applies(p)
     meta = {"cached": reason is None, "reason": reason, "key": cache_key(p, data), "finetune": cache_cut(p)}
     if reason is not None:
         return meta
-    device = pick_device(p.device)
     torch.manual_seed(p.seed)  # the same random weights as train builds (weights: none)
     try:
         model = build_model(p.arch, p.weights)
@@ -81,13 +83,21 @@ def write_cache(data: Path, out: Path, p: TrainParams, fp: FeaturesParams) -> di
         if split == "train" and 0 < head_draw(p) < len(ds):  # the same draw whenever the key is the same
             keep = np.sort(np.random.default_rng(p.seed).choice(len(ds), head_draw(p), replace=False))
             ds, labels = Subset(ds, keep.tolist()), labels[keep]
-        loader = DataLoader(ds, batch_size=fp.batch_size, num_workers=fp.workers, pin_memory=device.type == "cuda")
         with torch.no_grad():
             dim = trunk(torch.zeros(1, 3, pre["image_size"], pre["image_size"], device=device)).shape[1]
-        arr = np.lib.format.open_memmap(out / f"{split}.npy", mode="w+", dtype=np.float32, shape=(len(ds), dim))
-        extract(trunk, loader, arr, device, f"features {split}", use_bf16(p.precision, device))
-        arr.flush()
-        np.save(out / f"{split}_labels.npy", labels)
+        if ranks.main:
+            np.lib.format.open_memmap(out / f"{split}.npy", mode="w+", dtype=np.float32, shape=(len(ds), dim)).flush()
+        barrier(ranks)  # the array exists: each rank writes its block of rows
+        rows = np.array_split(np.arange(len(ds)), ranks.world)[ranks.rank]
+        arr = np.load(out / f"{split}.npy", mmap_mode="r+")[rows[0] : rows[-1] + 1] if len(rows) else None
+        loader = DataLoader(Subset(ds, rows.tolist()) if ranks.joined else ds, batch_size=fp.batch_size,
+                            num_workers=fp.workers, pin_memory=device.type == "cuda")  # fmt: skip
+        if arr is not None:
+            extract(trunk, loader, arr, device, f"features {split}", use_bf16(p.precision, device))
+            arr.flush()
+        barrier(ranks)
+        if ranks.main:
+            np.save(out / f"{split}_labels.npy", labels)
         meta[split] = {"n": len(ds), "dim": int(dim)}
     seconds = time.perf_counter() - t0  # logged, not written: the cache's bytes must not vary run to run
     n = sum(meta[s]["n"] for s in SPLITS)
@@ -115,11 +125,24 @@ def main(argv=None) -> None:
     fp = load_params(FeaturesParams, "features", args.params)
     if not (args.data / "manifest.csv").exists():
         raise SystemExit(f"{args.data}/manifest.csv not found: run 'dvc repro prepare' first")
-    with atomic_folder(args.out) as tmp:  # the cache appears whole, or not at all
-        meta = write_cache(args.data, tmp, p, fp)
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-    if not meta["cached"]:
-        log.info("no cache: %s; train runs on images", meta["reason"])
+    if (p.nproc > 1 or p.nnodes > 1) and cache_applies(p) is None and not under_torchrun():  # in train.nproc
+        argv = sys.argv[1:] if argv is None else argv
+        launch(__spec__.name, argv, p.nproc, p.nnodes, p.rdzv_endpoint, f"features-{args.member or 'train'}")
+        return
+    device = pick_device(p.device)
+    ranks = start(device)
+    device = rank_device(device, ranks)
+    if ranks.main:
+        with atomic_folder(args.out) as tmp:  # the cache appears whole, or not at all
+            barrier(ranks)  # the folder exists: the other ranks write into it
+            meta = write_cache(args.data, tmp, p, fp, device, ranks)
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+        if not meta["cached"]:
+            log.info("no cache: %s; train runs on images", meta["reason"])
+    else:
+        barrier(ranks)
+        write_cache(args.data, temporary_sibling(args.out), p, fp, device, ranks)
+    finish(ranks)
 
 
 if __name__ == "__main__":

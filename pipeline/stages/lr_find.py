@@ -23,52 +23,45 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from pipeline.config import load_params, setup_logging
 from pipeline.feature_cache import load_cache
 from pipeline.files import atomic_write_text
-from pipeline.model import (
-    autocast,
-    param_groups,
-    pick_device,
-    preprocessing,
-    set_train_mode,
-    to_device,
-)
+from pipeline.model import param_groups, pick_device, preprocessing, set_train_mode
 from pipeline.params.train import LrFindParams, load_member
-from pipeline.training import fresh_model, phase_setup, phases, serves_cache
+from pipeline.training import fresh_model, phase_setup, phases, serves_cache, train_steps
 
 log = logging.getLogger("lr_find")
 
 
 def sweep(net, loader, optimizer, device, start_lr: float, end_lr: float, steps: int, beta: float = 0.98):
-    """[(lr, smoothed loss)] over up to `steps` mini-batches; stops when the loss passes 4x its minimum."""
+    """[(lr, smoothed loss)] over up to `steps` mini-batches of training's loop (`train_steps`), each group's lr
+    growing exponentially from `start_lr` times its factor; stops when the loss passes 4x its minimum."""
     gamma = (end_lr / start_lr) ** (1 / max(steps - 1, 1))
-    batches, out, avg, lowest = iter(loader), [], 0.0, float("inf")
-    for step in range(steps):
-        try:
-            x, y = next(batches)
-        except StopIteration:  # fewer batches than steps: go round again
-            batches = iter(loader)
-            x, y = next(batches)
-        lr = start_lr * gamma**step
-        for g in optimizer.param_groups:
-            g["lr"] = lr * g["lr_factor"]
-        # forward backward update
-        x, y = to_device(x, device), y.to(device)
-        with autocast(device):
-            loss = F.cross_entropy(net(x), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        avg = beta * avg + (1 - beta) * loss.item()
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: start_lr * gamma**step)  # x group's lr
+    curve, avg, lowest = [], 0.0, float("inf")
+
+    def record(step: int, loss: float) -> bool:
+        nonlocal avg, lowest
+        avg = beta * avg + (1 - beta) * loss
         smoothed = avg / (1 - beta ** (step + 1))  # bias-corrected, as fastai's
-        out.append((lr, smoothed))
+        curve.append((start_lr * gamma**step, smoothed))
         lowest = min(lowest, smoothed)
-        if not np.isfinite(smoothed) or smoothed > 4 * lowest:
-            break
-    return out
+        return not np.isfinite(smoothed) or smoothed > 4 * lowest
+
+    train_steps(net, batches(loader, steps), optimizer, scheduler, device, "lr_find", after_step=record, total=steps)
+    return curve
+
+
+def batches(loader, steps: int):
+    """`steps` batches of `loader`, going round again when it has fewer."""
+    step = 0
+    while True:
+        for batch in loader:
+            if step == steps:
+                return
+            yield batch
+            step += 1
 
 
 def valley(curve: list[tuple[float, float]]) -> float:
@@ -111,8 +104,6 @@ def main(argv=None) -> None:
     train_loader, _, net = phase_setup(model, finetune, args.data, cache, p, pre, device, gen)
     set_train_mode(model, finetune, p.freeze_bn, p.frozen_groups)
     groups = param_groups(model, finetune, 1.0, p.body_lr_factor, p.frozen_groups)  # lr 1: each group's factor
-    for g in groups:
-        g["lr_factor"] = g["lr"]
     optimizer = torch.optim.AdamW(groups, lr=lp.start_lr, weight_decay=p.weight_decay)
     curve = sweep(net, train_loader, optimizer, device, lp.start_lr, lp.end_lr, lp.steps)
     suggestion = valley(curve)

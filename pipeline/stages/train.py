@@ -15,7 +15,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 import random
+import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +28,7 @@ from torch import nn
 from pipeline.checkpoint import (
     atomic_save,
     load_trained_state,
+    remove_leftovers,
     rng_state,
     run_key,
     same_keys,
@@ -34,8 +37,18 @@ from pipeline.checkpoint import (
     trained_state,
 )
 from pipeline.config import setup_logging
+from pipeline.distributed import (
+    Ranks,
+    all_gathered,
+    barrier,
+    finish,
+    launch,
+    mean_over_ranks,
+    rank_device,
+    start,
+    under_torchrun,
+)
 from pipeline.feature_cache import load_cache
-from pipeline.files import remove_leftover, temporary_sibling
 from pipeline.model import (
     CLASSES,
     pick_device,
@@ -50,7 +63,7 @@ from pipeline.training import (
     phase_setup,
     phases,
     serves_cache,
-    train_one_epoch,
+    train_steps,
     validate,
 )
 
@@ -86,6 +99,7 @@ class Run:
     plan: list[tuple[str, int, float]]  # phases: (finetune, epochs, lr)
     key: str  # params + data: a checkpoint of another key is not resumed
     bf16: bool  # bf16 autocast (train.precision resolved for this device)
+    ranks: Ranks  # this process among torchrun's (ONE outside torchrun)
     epochs_done: int = 0
     history: list[dict] = field(default_factory=list)
     best: dict | None = None
@@ -101,6 +115,8 @@ def start_run(p: TrainParams, data: Path, features: Path, checkpoint: Path) -> R
     random.seed(p.seed)
     np.random.seed(p.seed)
     device = pick_device(p.device)
+    ranks = start(device)
+    device = rank_device(device, ranks)
     torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick its fastest kernels once
     log.info(
         "device %s%s, torch %s, %d CPU threads",
@@ -114,13 +130,14 @@ def start_run(p: TrainParams, data: Path, features: Path, checkpoint: Path) -> R
         data=data,
         checkpoint=checkpoint,
         device=device,
-        model=fresh_model(p, device),  # seeds torch first: the same random weights as features built
+        model=fresh_model(p, device, ranks),  # seeds torch first: the same random weights as features built
         pre=preprocessing(p.arch, p.image_size),
         cache=load_cache(features, p, data),
         gen=torch.Generator().manual_seed(p.seed),
         plan=phases(p),
         key=run_key(p, data),
         bf16=use_bf16(p.precision, device),
+        ranks=ranks,
     )
     log.info(
         "%s, weights %s; %s; %s",
@@ -147,90 +164,116 @@ def resume(run: Run) -> None:
 
 
 def log_epoch(live, metrics: dict) -> None:
+    if live is None:  # not rank 0
+        return
     for name, value in metrics.items():
         live.log_metric(name, value)
     live.next_step()
 
 
-def train_phase(run: Run, live, phase: int, first: int) -> None:
-    """The epochs of one phase that are not done yet; `first` is its first epoch, counted over all phases. After
-    every epoch, a checkpoint holding everything needed to continue exactly there."""
-    p, (finetune, epochs, lr) = run.p, run.plan[phase]
-    train_loader, valid_loader, net = phase_setup(
-        run.model, finetune, run.data, run.cache, p, run.pre, run.device, run.gen, compiled=p.compile
-    )
-    if p.compile:
-        log.info("torch.compile: on (%s)", type(net).__name__)
-    optimizer, scheduler = make_optimizer(run.model, p, finetune, lr, epochs * len(train_loader))
+def train_phases(
+    run: Run, model: nn.Module, gen: torch.Generator, live=None, fit_on=("train",), stop: int | None = None
+) -> None:
+    """fastai's fine_tune as one loop over the plan: each phase's loaders, module and one-cycle schedule
+    (`phase_setup`, `make_optimizer`), then its epochs. The validated run (`stop` None) continues where the checkpoint
+    left and validates, keeps the best epoch and checkpoints after every epoch; the refit trains `model` on `fit_on`
+    up to the epoch `stop`, on the same schedules, so each epoch trains at the learning rates the kept one did."""
+    p, validated = run.p, stop is None
+    first = 0  # the phase's first epoch, counted over all phases
+    for phase, (finetune, epochs, lr) in enumerate(run.plan):
+        begin = max(run.epochs_done, first) if validated else first
+        end = first + epochs if validated else min(first + epochs, stop)
+        if begin < end:
+            train_loader, valid_loader, net = phase_setup(
+                model, finetune, run.data, run.cache, p, run.pre, run.device, gen, fit_on, p.compile, run.ranks
+            )
+            optimizer, scheduler = make_optimizer(model, p, finetune, lr, epochs * len(train_loader))
+            if validated:
+                restore(run, phase, first, optimizer, scheduler)
+                describe_phase(run, finetune, train_loader, valid_loader, net)
+            for epoch in range(begin, end):
+                t0 = time.perf_counter()
+                set_train_mode(model, finetune, p.freeze_bn, p.frozen_groups)
+                desc = f"{finetune} epoch {epoch + 1}" if validated else f"refit {finetune} epoch {epoch + 1}"
+                left = end - epoch if validated and epoch == begin else 0  # the phase's first epoch here: its ETA
+                loss = train_steps(net, train_loader, optimizer, scheduler, run.device, desc, run.bf16, left)
+                loss = mean_over_ranks(loss, run.ranks)
+                if validated:
+                    end_epoch(run, live, (phase, finetune, epoch), loss, net, valid_loader, optimizer, scheduler, t0)
+                else:
+                    log.info("refit epoch %d/%d on %d images (%s)  train_loss %.4f  %.0fs", epoch + 1, stop,
+                             len(train_loader.dataset), finetune, loss, time.perf_counter() - t0)  # fmt: skip
+        first += epochs
+
+
+def restore(run: Run, phase: int, first: int, optimizer, scheduler) -> None:
+    """Where the run resumed: the optimizer and schedule in the phase it stopped in, and the RNG states, once."""
     ckpt = run.resumed
-    if ckpt is not None and ckpt["phase"] == phase and run.epochs_done > first:
+    if ckpt is None:
+        return
+    if ckpt["phase"] == phase and run.epochs_done > first:
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
-    if ckpt is not None:
-        set_rng_state(ckpt["rng"], run.gen)
-        run.resumed = None  # restored once, where the run stopped
+    rng = ckpt["rng"]  # under torchrun, each rank's
+    set_rng_state(rng[run.ranks.rank] if isinstance(rng, list) else rng, run.gen)
+    run.resumed = None
+
+
+def describe_phase(run: Run, finetune: str, train_loader, valid_loader, net) -> None:
+    p = run.p
+    if p.compile:
+        log.info("torch.compile: on (%s)", type(net).__name__)
     log.info(
-        "%s: %d trainable parameters on %s; %d train / %d valid images",
+        "%s: %d trainable parameters on %s; %d train / %d valid images%s",
         finetune,
         sum(q.numel() for q in run.model.parameters() if q.requires_grad),
         "cached activations" if serves_cache(train_loader) else "images" + (" (augmented)" if p.augment else ""),
         len(train_loader.dataset),
-        len(valid_loader.dataset),
+        len(valid_loader.dataset) * run.ranks.world,  # each rank validates its shard
+        f"; {run.ranks.world} processes, each on 1/{run.ranks.world} of every batch" if run.ranks.joined else "",
     )
-    for epoch in range(max(run.epochs_done, first), first + epochs):
-        t0 = time.perf_counter()
-        set_train_mode(run.model, finetune, p.freeze_bn, p.frozen_groups)
-        left = first + epochs - epoch if epoch == max(run.epochs_done, first) else 0  # the phase's first epoch here
-        train_loss = train_one_epoch(
-            net, train_loader, optimizer, scheduler, run.device, f"{finetune} epoch {epoch + 1}", run.bf16, left
-        )
-        metrics = {"train_loss": train_loss, **validate(net, valid_loader, run.device, run.bf16)}
-        run.history.append(metrics)
-        log_epoch(live, metrics)
-        if run.best is None or p.keep == "last" or metrics["valid_log_loss"] < run.best["valid_log_loss"]:
-            run.best = {"epoch": epoch + 1, "valid_log_loss": metrics["valid_log_loss"], "finetune": finetune}
-            run.best["state"] = trained_state(run.model, finetune)
+
+
+def end_epoch(run: Run, live, at: tuple[int, str, int], train_loss: float, net, valid_loader, optimizer, scheduler,
+              t0: float) -> None:  # fmt: skip
+    """Validate, keep the best epoch, and checkpoint everything needed to continue exactly here (rank 0 writes);
+    `at`: (phase, finetune, epoch)."""
+    p, (phase, finetune, epoch) = run.p, at
+    metrics = {"train_loss": train_loss, **validate(net, valid_loader, run.device, run.bf16, run.ranks)}
+    run.history.append(metrics)
+    log_epoch(live, metrics)
+    if run.best is None or p.keep == "last" or metrics["valid_log_loss"] < run.best["valid_log_loss"]:
+        run.best = {"epoch": epoch + 1, "valid_log_loss": metrics["valid_log_loss"], "finetune": finetune}
+        run.best["state"] = trained_state(run.model, finetune)
+    rng = all_gathered(rng_state(run.gen), run.ranks)  # each rank's: a resumed rank continues its own draws
+    if run.ranks.main:
         checkpoint = {
             "run_key": run.key,
             "epoch": epoch + 1,
             "phase": phase,
             "finetune": finetune,
             "model": trained_state(run.model, finetune),
-            "optimizer": optimizer.state_dict(),
+            "optimizer": optimizer.state_dict(),  # the same on every rank: DDP averaged the gradients
             "scheduler": scheduler.state_dict(),
-            "rng": rng_state(run.gen),
+            "rng": rng if run.ranks.joined else rng[0],
             "history": run.history,
             "best": run.best,
         }
         atomic_save(checkpoint, run.checkpoint)
-        log.info(
-            "epoch %d/%d  train_loss %.4f  valid_acc %.4f  valid_log_loss %.4f  %.0fs",
-            epoch + 1, run.total, train_loss, metrics["valid_accuracy"], metrics["valid_log_loss"],
-            time.perf_counter() - t0,
-        )  # fmt: skip
+    barrier(run.ranks)
+    log.info(
+        "epoch %d/%d  train_loss %.4f  valid_acc %.4f  valid_log_loss %.4f  %.0fs",
+        epoch + 1, run.total, train_loss, metrics["valid_accuracy"], metrics["valid_log_loss"],
+        time.perf_counter() - t0,
+    )  # fmt: skip
 
 
 def refit(run: Run) -> nn.Module:
     """Train again from the start on train + valid, the same plan and schedules stopped at the kept epoch: the model
     submitted and served has seen 20% more images. Nothing is left to validate it on, so the kept epoch's model
     gives the validation figures and the calibration. Not checkpointed: a killed refit starts over."""
-    p, stop = run.p, run.best["epoch"]
-    model, gen = fresh_model(p, run.device), torch.Generator().manual_seed(p.seed)
-    first = 0
-    for finetune, epochs, lr in run.plan:
-        loader, _, net = phase_setup(
-            model, finetune, run.data, run.cache, p, run.pre, run.device, gen, ("train", "valid"), p.compile
-        )
-        # the whole phase's schedule, so each epoch trains at the learning rates the kept run's epoch did
-        optimizer, scheduler = make_optimizer(model, p, finetune, lr, epochs * len(loader))
-        for epoch in range(first, min(first + epochs, stop)):
-            t0 = time.perf_counter()
-            set_train_mode(model, finetune, p.freeze_bn, p.frozen_groups)
-            desc = f"refit {finetune} epoch {epoch + 1}"
-            loss = train_one_epoch(net, loader, optimizer, scheduler, run.device, desc, run.bf16)
-            log.info("refit epoch %d/%d on %d images (%s)  train_loss %.4f  %.0fs",
-                     epoch + 1, stop, len(loader.dataset), finetune, loss, time.perf_counter() - t0)  # fmt: skip
-        first += epochs
+    model, gen = fresh_model(run.p, run.device, run.ranks), torch.Generator().manual_seed(run.p.seed)
+    train_phases(run, model, gen, fit_on=("train", "valid"), stop=run.best["epoch"])
     return model
 
 
@@ -269,30 +312,32 @@ def main(argv=None) -> None:
     p = load_member(args.member, args.params)
     if not (args.data / "manifest.csv").exists():
         raise SystemExit(f"{args.data}/manifest.csv not found: run 'dvc repro prepare' first")
-    if args.model.exists():  # as dvc repro does: a model beside a checkpoint means its run was abandoned (make tidy)
-        args.model.unlink()
-        log.info("removed the previous %s", args.model)
-    for tmp in (temporary_sibling(args.model), temporary_sibling(args.checkpoint)):  # a SIGKILL during a save
-        if (size := remove_leftover(tmp)) is not None:  # a 174 MB model, a checkpoint up to 1.6 GB: free it first
-            log.info("removed %s (%.1f MB), left by an interrupted write", tmp, size / 1e6)
+    if (p.nproc > 1 or p.nnodes > 1) and not under_torchrun():  # this stage again, in train.nproc processes
+        argv = sys.argv[1:] if argv is None else argv
+        launch(__spec__.name, argv, p.nproc, p.nnodes, p.rdzv_endpoint, f"train-{args.member or 'train'}")
+        return
     run = start_run(p, args.data, args.features, args.checkpoint)
+    if run.ranks.main:
+        remove_leftovers(args.model, args.checkpoint)
     resume(run)
     args.model.parent.mkdir(parents=True, exist_ok=True)
     from dvclive import Live  # here, not at the top: imported only when the stage runs
 
-    with Live(dir=str(args.live), save_dvc_exp=False, dvcyaml=None) as live:
-        for metrics in run.history:  # DVC removed the curves of the resumed epochs: rebuild them from the checkpoint
-            log_epoch(live, metrics)
-        first = 0  # the phase's first epoch, counted over all phases
-        for phase, (_, epochs, _) in enumerate(run.plan):
-            if run.epochs_done < first + epochs:  # else the checkpoint has finished this phase
-                train_phase(run, live, phase, first)
-            first += epochs
-        log_curves(live, run.history)
+    live = Live(dir=str(args.live), save_dvc_exp=False, dvcyaml=None) if run.ranks.main else nullcontext()
+    with live as live:
+        if live is not None:  # DVC removed the curves of the resumed epochs: rebuild them from the checkpoint
+            for metrics in run.history:
+                log_epoch(live, metrics)
+        train_phases(run, run.model, run.gen, live)
+        if live is not None:
+            log_curves(live, run.history)
     kept = kept_model(run)
-    save_model(run, kept, refit(run) if p.refit else None, args.model)
-    args.checkpoint.unlink(missing_ok=True)  # finished: the next run with other params starts fresh
-    log.info("wrote %s", args.model)
+    refitted = refit(run) if p.refit else None
+    if run.ranks.main:
+        save_model(run, kept, refitted, args.model)
+        args.checkpoint.unlink(missing_ok=True)  # finished: the next run with other params starts fresh
+        log.info("wrote %s", args.model)
+    finish(run.ranks)
 
 
 if __name__ == "__main__":
