@@ -119,12 +119,9 @@ def gather(logits: np.ndarray, labels: np.ndarray, ranks: Ranks) -> tuple[np.nda
 
 
 def mean_over_ranks(value: float, ranks: Ranks) -> float:
-    """The mean of every rank's `value` (a mean loss over its share of the batches: the shares are equal)."""
-    if not ranks.joined:
-        return value
-    t = torch.tensor([value], dtype=torch.float64)
-    dist.all_reduce(t)
-    return float(t[0]) / ranks.world
+    """The mean of every rank's `value` (a mean loss over its share of the batches: the shares are equal). Gathered
+    as objects: NCCL reduces only CUDA tensors."""
+    return sum(all_gathered(value, ranks)) / ranks.world if ranks.joined else value
 
 
 def all_gathered(obj, ranks: Ranks) -> list:
