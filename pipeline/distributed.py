@@ -61,6 +61,8 @@ def start(device: torch.device) -> Ranks:
     env = os.environ
     ranks = Ranks(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env["LOCAL_RANK"]), joined=True)
     if device.type == "cuda":  # (on CPU, each rank's threads: OMP_NUM_THREADS, which `launch` sets)
+        if ranks.local_rank >= torch.cuda.device_count():
+            raise SystemExit(f"train.nproc: more processes on this host than its {torch.cuda.device_count()} GPUs")
         torch.cuda.set_device(ranks.local_rank)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=TIMEOUT)
     if not ranks.main:  # one log: the other ranks say only what goes wrong
@@ -131,6 +133,15 @@ def all_gathered(obj, ranks: Ranks) -> list:
     parts = [None] * ranks.world
     dist.all_gather_object(parts, obj)
     return parts
+
+
+def check_same_weights(model: torch.nn.Module, ranks: Ranks) -> None:
+    """Every rank holds the same parameters (DDP keeps them so): a difference would be a silent bug, so it stops."""
+    if not ranks.joined:
+        return
+    sums = all_gathered(sum(float(q.detach().double().sum()) for q in model.parameters()), ranks)
+    if len(set(sums)) > 1:
+        raise SystemExit(f"train: the {ranks.world} processes' weights differ ({sums}): a bug, please report it")
 
 
 def torchrun_command(module: str, argv: list[str], nproc: int, nnodes: int, endpoint: str, run_id: str) -> list[str]:

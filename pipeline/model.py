@@ -270,17 +270,24 @@ def frozen_names(model: nn.Module, finetune: str, frozen_groups: int) -> set[str
     return {name for g in body[:frozen_groups] for name in g}
 
 
+def freeze(model: nn.Module, finetune: str, frozen_groups: int = 0) -> None:
+    """requires_grad for what `finetune` trains (with `all`, not the body's first `frozen_groups` layer groups), off
+    for the rest: before DDP wraps the model, which averages the gradients of what requires them then."""
+    prefix, frozen = trainable_module(model, finetune), frozen_names(model, finetune, frozen_groups)
+    for name, p in model.named_parameters():
+        p.requires_grad = is_trainable(name, prefix) and name not in frozen
+
+
 def param_groups(
     model: nn.Module, finetune: str, lr: float, body_lr_factor: float, frozen_groups: int = 0
 ) -> list[dict]:
     """Freeze what `finetune` leaves alone (with `all`, the body's first `frozen_groups` layer groups too); returns
     optimiser groups. With `all`, the pretrained body trains at `lr * body_lr_factor` and what `dense` would train
     at `lr` (discriminative learning rates)."""
-    prefix, top = trainable_module(model, finetune), top_module(model)
-    frozen = frozen_names(model, finetune, frozen_groups)
+    top = top_module(model)
+    freeze(model, finetune, frozen_groups)
     head, body = [], []
     for name, p in model.named_parameters():
-        p.requires_grad = is_trainable(name, prefix) and name not in frozen
         if p.requires_grad:
             (head if is_trainable(name, top) else body).append(p)
     groups = [{"params": head, "lr": lr, "name": "head"}]

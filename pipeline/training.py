@@ -28,6 +28,7 @@ from pipeline.model import (
     WeightsError,
     autocast,
     build_model,
+    freeze,
     frozen_names,
     param_groups,
     predict_logits,
@@ -96,6 +97,7 @@ def train_steps(
 
 def validate(model, loader, device, bf16: bool | None = None, ranks: Ranks = ONE) -> dict:
     """Accuracy and log loss over the valid loader; with several ranks, each predicts its shard and all gather."""
+    model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper
     model = model.module if isinstance(model, DistributedDataParallel) else model  # no collectives: shards differ
     logits, y = gather(*predict_logits(model, loader, device, bf16=bf16), ranks)
     t = torch.from_numpy(logits)
@@ -145,8 +147,11 @@ def make_loaders(
                 raise SystemExit(f"{ds.root} holds {ds.classes}, expected {list(CLASSES)}: run 'dvc repro prepare'")
         workers = p.workers
     train_ds = fit[0] if len(fit) == 1 else ConcatDataset(fit)
-    if len(train_ds) < ranks.world:
-        raise SystemExit(f"{len(train_ds)} training images for {ranks.world} processes: lower train.nproc")
+    if min(len(train_ds), len(valid_ds)) < ranks.world:
+        raise SystemExit(
+            f"{len(train_ds)} training and {len(valid_ds)} validation images for {ranks.world} processes: each needs "
+            "at least one of each; lower train.nproc"
+        )
     # no persistent_workers: fresh workers each epoch draw their seeds from `gen`, whose state the checkpoint
     # keeps, so a resumed run augments exactly as an uninterrupted one (persistent ones seed once, at start)
     kw = dict(num_workers=workers, pin_memory=device.type == "cuda")
@@ -233,7 +238,8 @@ def phase_setup(
         from timm.layers import convert_sync_batchnorm  # torch's, and timm's BatchNormAct2d kept with its activation
 
         net = convert_sync_batchnorm(net)  # (gloo has no SyncBatchNorm: on CPU each rank normalises its share)
-    if ranks.joined:
+    if ranks.joined:  # what trains set first: DDP averages the gradients of the parameters that require them now
+        freeze(model, finetune, p.frozen_groups)
         net = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
     if compiled:
         net = torch.compile(net)  # compiles at the first batch (inductor: needs a C++ compiler on CPU)

@@ -41,6 +41,7 @@ from pipeline.distributed import (
     Ranks,
     all_gathered,
     barrier,
+    check_same_weights,
     finish,
     launch,
     mean_over_ranks,
@@ -203,6 +204,7 @@ def train_phases(
                 else:
                     log.info("refit epoch %d/%d on %d images (%s)  train_loss %.4f  %.0fs", epoch + 1, stop,
                              len(train_loader.dataset), finetune, loss, time.perf_counter() - t0)  # fmt: skip
+            check_same_weights(model, run.ranks)
         first += epochs
 
 
