@@ -2,6 +2,7 @@
 batch and alike twice; a killed rank stops the run with one message and the next run resumes to the same bytes;
 two hosts (network namespaces joined by a veth pair) meet at a rendezvous; validation counts each image once."""
 
+import json
 import os
 import re
 import shutil
@@ -15,7 +16,19 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import ROOT, features, features_cmd, run_train, train_cmd, write_params
+from tests.conftest import (
+    BIN,
+    ROOT,
+    TINY_DEMO,
+    dvc,
+    features,
+    features_cmd,
+    make_project,
+    run_train,
+    tool_env,
+    train_cmd,
+    write_params,
+)
 
 
 def history(work) -> list[dict]:
@@ -212,3 +225,40 @@ def test_torchrun_command_names_the_rendezvous():
     assert "--rdzv-conf=is_host=false" in hosts
     first = torchrun_command("pipeline.stages.train", [], 1, 2, "127.0.0.1:29400", "train-m")
     assert "--rdzv-conf=is_host=true" in first  # this host serves the rendezvous
+
+
+@pytest.mark.slow
+def test_dvc_repro_runs_train_under_torchrun_and_the_next_dvc_repro_resumes_a_killed_rank(tmp_path):
+    """`dvc repro` with train.nproc=2 on the tiny demo: a rank killed in the unfrozen phase fails the stage with one
+    line, the next `dvc repro` resumes from the checkpoint, and its model has the bytes of an uninterrupted run."""
+    tiny = {**TINY_DEMO, **{f"train.{key}": value for key, value in SETTINGS.items()}}
+    tiny.update({"train.image_size": 32, "train.batch_size": 8, "train.workers": 0, "train.nproc": 2})
+    whole, broken = (make_project(tmp_path / name, tiny) for name in ("whole", "broken"))
+    log = dvc(whole, "repro", "train")
+    assert "2 processes on this host" in log and "each on 1/2 of every batch" in log, log
+    assert len(json.loads((whole / "dvclive" / "model" / "metrics.json").read_text())) > 0
+
+    dvc(broken, "repro", "features")
+    checkpoint = broken / "models" / "model.checkpoint.pt"
+    proc = subprocess.Popen([str(BIN / "dvc"), "repro", "train"], cwd=broken, env=tool_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    saves, victim, deadline = set(), None, time.monotonic() + 300
+    while len(saves) < 3 and proc.poll() is None and time.monotonic() < deadline:  # epochs 1, 2 (head), 3 (all)
+        victim = victim or rank_process(proc.pid, "1")
+        if checkpoint.exists():
+            stat = checkpoint.stat()
+            saves.add((stat.st_ino, stat.st_mtime_ns))
+        time.sleep(0.005)
+    assert victim is not None, "rank 1 was not found"
+    victim.send_signal(signal.SIGKILL)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode != 0, out
+    assert "train: a process of the 2 under torchrun failed" in out, out
+    assert torch.load(checkpoint, weights_only=False)["epoch"] == 3, "the run was not interrupted in its second phase"
+
+    log = dvc(broken, "repro", "train")
+    assert "Running stage 'features@model'" not in log, log
+    assert re.search(r"resuming from .*model.checkpoint.pt after epoch 3 of 4", log), log
+    assert (broken / "models" / "model.pt").read_bytes() == (whole / "models" / "model.pt").read_bytes()
+    assert not checkpoint.exists()  # a finished run removes its checkpoint
+    assert "up to date" in dvc(broken, "repro", "train")
