@@ -22,7 +22,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from the project root
 
-from pipeline.data import MODEL_FILE, load_image, make_session, preprocess_as, read_metadata  # noqa: E402
+from pipeline.contract import ModelContract  # noqa: E402
+from pipeline.data import MODEL_FILE, load_image, make_session  # noqa: E402
 from pipeline.files import atomic_write_text  # noqa: E402
 from pipeline.params.train import member_names  # noqa: E402
 
@@ -32,10 +33,10 @@ def latencies(project: Path, members: list[str], variant: str, image: Path, roun
     runs = {}
     for member in members:
         onnx_dir = project / "models" / "onnx" / member
-        meta = read_metadata(onnx_dir)
+        contract = ModelContract.read(onnx_dir)
         session, _ = make_session(onnx_dir, "cpu", variant)
-        x = preprocess_as(load_image(image, 10**8), meta)[None]
-        runs[member] = lambda s=session, m=meta, x=x: s.run([m["output_name"]], {m["input_name"]: x})
+        x = contract.preprocess(load_image(image, 10**8))[None]
+        runs[member] = lambda s=session, c=contract, x=x: c.probs(s, x)
     for run in runs.values():
         run()  # warm up
     times = {member: [] for member in runs}

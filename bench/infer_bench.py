@@ -30,10 +30,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from the project root
 
+from pipeline.contract import ModelContract  # noqa: E402
 from pipeline.data import make_session  # noqa: E402
 from pipeline.files import atomic_write_text  # noqa: E402
 from pipeline.model import CLASSES, build_model, preprocessing  # noqa: E402
-from pipeline.stages.export import export_onnx, onnx_metadata  # noqa: E402
+from pipeline.stages.export import export_onnx  # noqa: E402
 from pipeline.variants import convert_fp16, quantize_int8  # noqa: E402
 
 BATCHES = (1, 8, 32)
@@ -62,7 +63,7 @@ def export_variants(model: torch.nn.Module, size: int, dest: Path, fp16: bool) -
         "classes": CLASSES, **preprocessing("vgg16", size),
         "weights": "none", "params": {}, "run_key": "bench",
     }  # fmt: skip
-    metadata = onnx_metadata(meta)
+    metadata = ModelContract.from_checkpoint(meta).onnx_props()
     export_onnx(model, size, dest, metadata, opset=20)
     calibration = np.random.default_rng(0).normal(size=(16, 3, size, size)).astype(np.float32)
     quantize_int8(dest, dest / "model.int8.onnx", calibration, metadata)

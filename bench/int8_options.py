@@ -40,11 +40,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from the project root
 
 from pipeline.config import load_params  # noqa: E402
+from pipeline.contract import ModelContract  # noqa: E402
 from pipeline.data import MODEL_FILE, VARIANT_FILES, make_session  # noqa: E402
 from pipeline.files import atomic_write_text  # noqa: E402
 from pipeline.model import load_model  # noqa: E402
 from pipeline.params.package import PackageParams  # noqa: E402
-from pipeline.stages.export import export_onnx, onnx_metadata  # noqa: E402
+from pipeline.stages.export import export_onnx  # noqa: E402
 from pipeline.stages.package import choose_member  # noqa: E402
 from pipeline.variants import CalibrationImages, finish_variant, valid_set  # noqa: E402
 
@@ -96,7 +97,7 @@ def float_ends(graph: onnx.GraphProto) -> list[str]:
 
 def quantize_option(pre: Path, dest: Path, calibration: np.ndarray, metadata: dict, kwargs: dict) -> None:
     """Quantize the pre-processed model `pre` with one option's kwargs into dest (a child process's target)."""
-    reader, kwargs = StridedImages(calibration, metadata["input_name"]), dict(kwargs)
+    reader, kwargs = StridedImages(calibration, ModelContract.input_name), dict(kwargs)
     bins = kwargs.pop("entropy_bins", None)
     if bins:  # quantize_static keeps entropy's 128 histogram bins = 128 quantized bins: one candidate threshold,
         # the min-max range (measured: the same model as MinMax). Ranged here with more bins, passed as a cache.
@@ -127,11 +128,9 @@ def run_with_timeout(timeout: float, *args) -> tuple[float, str | None]:
     return time.perf_counter() - t0, why
 
 
-def probabilities(session, meta: dict, x: np.ndarray) -> np.ndarray:
+def probabilities(session, contract: ModelContract, x: np.ndarray) -> np.ndarray:
     """P(class) (N, 2) float64, rows summing to 1, for images x (N, 3, H, W)."""
-    probs = np.concatenate(
-        [session.run([meta["output_name"]], {meta["input_name"]: x[i : i + 32]})[0] for i in range(0, len(x), 32)]
-    ).astype(np.float64)
+    probs = np.concatenate([contract.probs(session, x[i : i + 32]) for i in range(0, len(x), 32)]).astype(np.float64)
     return probs / probs.sum(1, keepdims=True)
 
 
@@ -140,9 +139,9 @@ def score(probs: np.ndarray, y: np.ndarray) -> dict:
     return {"log_loss": float(log_loss(y, probs, labels=[0, 1])), "accuracy": float(np.mean(probs.argmax(1) == y))}
 
 
-def images_per_s(sessions: list, meta: dict, x: np.ndarray, batches: int, rounds: int) -> list[float]:
+def images_per_s(sessions: list, x: np.ndarray, batches: int, rounds: int) -> list[float]:
     """Images/s of each session at batch len(x), best of `rounds` runs of `batches` calls, taken in turn."""
-    feed = {meta["input_name"]: x}
+    feed = {ModelContract.input_name: x}
     for session in sessions:  # warm-up: first-call allocations
         session.run(None, feed)
     best = [float("inf")] * len(sessions)
@@ -191,11 +190,11 @@ def main(argv=None) -> None:
         raise SystemExit(f"{args.model} not found: run 'dvc repro' first, or pass --model, a checkpoint train wrote")
     args.out = args.out or ROOT / "bench" / "results" / f"int8_options_{args.model.stem}.json"
     model, ckpt = load_model(args.model, "cpu")
-    metadata = onnx_metadata(ckpt)
-    meta = {"input_name": metadata["input_name"], "output_name": metadata["output_name"], **ckpt}
+    contract = ModelContract.from_checkpoint(ckpt)
+    metadata = contract.onnx_props()
     if not any((args.data / "valid").glob("*/*.jpg")):
         raise SystemExit(f"no images in {args.data / 'valid'}: run 'dvc repro prepare' first")
-    x, y = valid_set(args.data / "valid", meta, args.max_pixels)
+    x, y = valid_set(args.data / "valid", contract, args.max_pixels)
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -205,7 +204,7 @@ def main(argv=None) -> None:
             save_as_external_data=True, external_data_location="pre.onnx.data",
         )  # fmt: skip
         fp32, _ = make_session(work, "cpu")
-        ref = probabilities(fp32, meta, x)
+        ref = probabilities(fp32, contract, x)
         base = score(ref, y)
         log.info("fp32: log loss %.4f, accuracy %.4f on %d images", base["log_loss"], base["accuracy"], len(x))
         results, fp32_speeds = {}, []
@@ -225,9 +224,9 @@ def main(argv=None) -> None:
                 results[name] = {**r, "error": why}
                 continue
             int8, _ = make_session(work, "cpu", "int8")
-            probs = probabilities(int8, meta, x)
+            probs = probabilities(int8, contract, x)
             s = score(probs, y)
-            f32_ips, ips = images_per_s([fp32, int8], meta, x[:8], args.batches, rounds=3)
+            f32_ips, ips = images_per_s([fp32, int8], x[:8], args.batches, rounds=3)
             fp32_speeds.append(f32_ips)
             rise, drop = s["log_loss"] - base["log_loss"], base["accuracy"] - s["accuracy"]
             results[name] = {

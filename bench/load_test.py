@@ -58,9 +58,9 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from the project root
 
-from pipeline.calibration import Calibration  # noqa: E402
 from pipeline.config import ConfigError, from_dict  # noqa: E402
-from pipeline.data import MODEL_FILE, open_model, read_metadata  # noqa: E402
+from pipeline.contract import ModelContract  # noqa: E402
+from pipeline.data import MODEL_FILE, open_model  # noqa: E402
 from pipeline.files import atomic_write_text  # noqa: E402
 from pipeline.params.serve import ServeParams  # noqa: E402
 from serving.smoke import api_worker, free_port, proc_status, start, stop, wait_ready  # noqa: E402
@@ -307,19 +307,19 @@ def serve_and_drive(params: dict, home: Path, tmp: Path, label: str, args, hosti
     return figures
 
 
-def raw_ort_img_s(model_dir: Path, params: ServeParams, calibration: Calibration, batch: int, seconds: float
+def raw_ort_img_s(model_dir: Path, params: ServeParams, contract: ModelContract, batch: int, seconds: float
                   ) -> tuple[float, str]:  # fmt: skip
     """images/s of the service's variant on one ONNX Runtime session at `batch`, doing what the model service does
-    per batch (`Calibration.predict`: flip TTA doubles the images run), after one warm-up call, with as many threads
-    as the model service has in all (workers x threads; 0 = one per core)."""
+    per batch (`ModelContract.predict`: flip TTA doubles the images run), after one warm-up call, with as many
+    threads as the model service has in all (workers x threads; 0 = one per core)."""
     threads = params.threads * params.workers
     session, _, variant = open_model(model_dir, params.provider, params.variant, threads)
-    meta = read_metadata(model_dir)
-    x = np.random.default_rng(0).normal(size=(batch, 3, meta["image_size"], meta["image_size"])).astype(np.float32)
-    calibration.predict(session, meta, x)
+    size = contract.image_size
+    x = np.random.default_rng(0).normal(size=(batch, 3, size, size)).astype(np.float32)
+    contract.predict(session, x)
     calls, t0 = 0, time.perf_counter()
     while calls < 3 or time.perf_counter() - t0 < seconds:
-        calibration.predict(session, meta, x)
+        contract.predict(session, x)
         calls += 1
     return batch * calls / (time.perf_counter() - t0), variant
 
@@ -370,18 +370,18 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         model = package_model(stage_args, args.params, tmp / "bentoml")
-        calibration = Calibration.from_dict(model["metadata"]["calibration"])
+        contract = ModelContract.from_record(model["metadata"], model["path"])
+        calibration = contract.calibration
         results["batched"] = serve_and_drive(params, tmp / "bentoml", tmp, "batched", args, hostile_too=True)
         unbatched = {**params, "serve": {**params["serve"], "max_batch_size": 1}}
         results["unbatched"] = serve_and_drive(unbatched, tmp / "bentoml", tmp, "unbatched", args)
         batch = max(1, round(results["batched"]["mean_batch"] or 1))
         stored = Path(model["path"])  # the store's copy: the files the service loaded
-        raw, variant = raw_ort_img_s(stored, serve, calibration, batch, args.raw_seconds)
+        raw, variant = raw_ort_img_s(stored, serve, contract, batch, args.raw_seconds)
         # what batching can gain at all on this machine: raw images/s at batch 1 and at the largest batch
         by_batch = {
-            str(b): raw_ort_img_s(stored, serve, calibration, b, args.raw_seconds)[0] for b in {1, serve.max_batch_size}
+            str(b): raw_ort_img_s(stored, serve, contract, b, args.raw_seconds)[0] for b in {1, serve.max_batch_size}
         }
-        meta = read_metadata(stored)
     by_batch[str(batch)] = raw
     results.update(
         {
@@ -392,7 +392,7 @@ def main(argv=None) -> None:
             "raw_ort_img_s_by_batch": {b: round(v, 2) for b, v in sorted(by_batch.items(), key=lambda kv: int(kv[0]))},
             "batching_ceiling": round(max(by_batch.values()) / by_batch["1"], 2),  # best raw / raw at batch 1
             "variant": variant,
-            "image_size": meta["image_size"],
+            "image_size": contract.image_size,
             "photos": str(args.photos),
             "clients": args.clients,
             "seconds": args.seconds,
@@ -409,7 +409,7 @@ def main(argv=None) -> None:
     )
     atomic_write_text(args.out, json.dumps(results, indent=2) + "\n")
     print(
-        f"{results['member'] or args.onnx} ({variant}, {calibration.describe()}) {meta['image_size']} px, "
+        f"{results['member'] or args.onnx} ({variant}, {calibration.describe()}) {contract.image_size} px, "
         f"{args.clients} clients, {args.seconds:.0f} s: batched "
         f"{results['batched']['rps']} req/s (mean batch {results['batched']['mean_batch']}), unbatched "
         f"{results['unbatched']['rps']} req/s, raw ONNX Runtime {raw:.1f} images/s at batch {batch}: "

@@ -26,7 +26,8 @@ sys.path.insert(0, str(ROOT))  # run as a script from the project root
 sys.path.insert(0, str(ROOT / "bench"))
 
 from pipeline.calibration import logit_difference, sigmoid  # noqa: E402
-from pipeline.data import load_image, open_model, preprocess, read_metadata  # noqa: E402
+from pipeline.contract import ModelContract  # noqa: E402
+from pipeline.data import load_image, open_model  # noqa: E402
 from pipeline.scoring import best_clip, clip_curve, fit_temperature, log_loss  # noqa: E402
 
 SETS = {  # name -> views averaged
@@ -38,27 +39,25 @@ SETS = {  # name -> views averaged
 }
 
 
-def view(img, meta: dict, name: str) -> np.ndarray:
-    size, resize = meta["image_size"], meta["resize_size"]
+def view(img, contract: ModelContract, name: str) -> np.ndarray:
+    size, resize = contract.image_size, contract.resize_size
     short = {"centre": resize, "whole": size, "close": round(1.15 * resize)}[name.split()[0]]
-    x = preprocess(img, size, short, meta["mean"], meta["std"], meta["interpolation"])
+    x = contract.preprocess(img, short)
     return np.ascontiguousarray(x[..., ::-1]) if name.endswith("flip") else x
 
 
 def view_logits(onnx_dir: Path, paths: list[Path], names: list[str], batch: int = 32) -> dict[str, np.ndarray]:
     """z_dog - z_cat of every photo in every view, on the fp32 model."""
     session, _, _ = open_model(onnx_dir, "cpu", "fp32")
-    meta = read_metadata(onnx_dir)
-    dog = meta["classes"].index("dogs")
+    contract = ModelContract.read(onnx_dir)
     out = {n: [] for n in names}
     with ThreadPoolExecutor(2) as pool:
-        draft = round(1.15 * meta["resize_size"])  # the closest view's size: no view is upscaled from a draft
+        draft = round(1.15 * contract.resize_size)  # the closest view's size: no view is upscaled from a draft
         for i in range(0, len(paths), batch):
             imgs = list(pool.map(lambda p: load_image(p, 25_000_000, draft), paths[i : i + batch]))
             for n in names:
-                x = np.stack([view(img, meta, n) for img in imgs])
-                probs = session.run([meta["output_name"]], {meta["input_name"]: x})[0]
-                out[n].append(logit_difference(probs, dog))
+                x = np.stack([view(img, contract, n) for img in imgs])
+                out[n].append(logit_difference(contract.probs(session, x), contract.dog))
             print(f"\r{i + len(imgs)}/{len(paths)} photos", end="", file=sys.stderr, flush=True)
     print(file=sys.stderr)
     return {n: np.concatenate(v) for n, v in out.items()}

@@ -1,10 +1,9 @@
-"""From the ONNX model's softmax to the P(dog) the submission holds: TTA, temperature and clip, in one place.
+"""From a logit to the P(dog) the submission holds: the TTA views averaged, a temperature and a clip.
 
-Not a stage: `predict` (the submission), `package` (which stores this contract with the served model) and the
-service (serving/store.py reads it back, serving/service.py applies it) import it, so the service's probability is
-the submission's by construction. `Calibration.chosen` reads what `evaluate` or `blend` fitted on validation;
-`Calibration.p_dog` applies it to logits; `model_logits` runs a model on the TTA views (pipeline/tta.py) to the
-logit that calibration scales. numpy only (no torch, no scipy): the bento ships it.
+Not a stage: the calibration part of the model's contract (pipeline/contract.py), which `predict` applies and
+`package` stores with the served model, so the service's probability is the submission's by construction.
+`Calibration.chosen` reads what `evaluate` or `blend` fitted on validation; `Calibration.p_dog` applies it to logits.
+numpy only (no torch, no scipy): the bento ships it.
 """
 
 from __future__ import annotations
@@ -37,15 +36,6 @@ def logit_difference(probs: np.ndarray, dog: int) -> np.ndarray:
     return np.log(p[:, dog]) - np.log(p[:, 1 - dog])
 
 
-def model_logits(session, meta: dict, x: np.ndarray, tta) -> np.ndarray:
-    """z_dog - z_cat (float64) for a batch x (N, 3, H, W), or (N, K, 3, H, W) with K crops, on an ONNX Runtime
-    session: the mean over the views `tta` makes (pipeline/tta.py), as evaluate computes the validation set's, so the
-    calibration fitted there fits."""
-    dog = meta["classes"].index("dogs")
-    run = lambda v: logit_difference(session.run([meta["output_name"]], {meta["input_name"]: v})[0], dog)  # noqa: E731
-    return views.mean_over_views(run, x, tta)
-
-
 @dataclass(frozen=True)
 class Calibration:
     """How a logit becomes the submitted P(dog): the TTA views averaged (`predict.tta`, fixed before the calibration
@@ -74,13 +64,19 @@ class Calibration:
             return cls(tta=tta, temperature=None, clip=float(setting))
         if not metrics.exists():
             raise CalibrationError(f"{metrics} not found: run 'dvc repro', or set predict.clip to a number")
-        record = json.loads(metrics.read_text())
         try:
-            if record.get("calibration") == "temperature":
-                return cls(tta=tta, temperature=float(record["temperature"]), clip=float(record["temperature_clip"]))
-            return cls(tta=tta, temperature=None, clip=float(record["clip"]))
+            return cls.fitted(json.loads(metrics.read_text()), tta)
         except KeyError as e:
             raise CalibrationError(f"{metrics} lacks {e} (not written by evaluate or blend): run 'dvc repro'") from e
+
+    @classmethod
+    def fitted(cls, record: dict, tta: bool | str) -> Calibration:
+        """The calibration in an evaluate.json or blend.json record (`pipeline.scoring.evaluate` writes it): the
+        temperature and the clip on top of it when the temperature won on validation, else the clip alone. KeyError
+        if the record lacks them."""
+        if record.get("calibration") == "temperature":
+            return cls(tta=tta, temperature=float(record["temperature"]), clip=float(record["temperature_clip"]))
+        return cls(tta=tta, temperature=None, clip=float(record["clip"]))
 
     @classmethod
     def from_dict(cls, record: dict) -> Calibration:
@@ -102,7 +98,3 @@ class Calibration:
         """P(dog) (float64) from logits z_dog - z_cat: scaled by the temperature, then clipped."""
         p = sigmoid(np.asarray(z, dtype=np.float64) / (self.temperature or 1.0))
         return np.clip(p, self.clip, 1 - self.clip)
-
-    def predict(self, session, meta: dict, x: np.ndarray) -> np.ndarray:
-        """P(dog) of a batch x (N, 3, H, W) on one model: the service's path, predict's for one member."""
-        return self.p_dog(model_logits(session, meta, x, self.tta))

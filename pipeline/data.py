@@ -4,8 +4,8 @@ Not a stage: `prepare`, `export`, `predict`, `package` and the service import it
 so the service runs on onnxruntime, numpy and Pillow alone. `load_image` decodes untrusted bytes safely
 (pixel limit from the header, JPEGs at reduced scale, full decode, EXIF rotation, any mode to RGB;
 `decoded_pixels` counts what it would decode); `preprocess` is `pipeline.model.eval_transform`
-in numpy (the tests hold it to 1e-6 of torchvision's); `read_metadata` and `make_session` open the ONNX
-folder written by `export`, whose metadata carries everything preprocessing needs; `open_model` picks the
+in numpy (the tests hold it to 1e-6 of torchvision's); `make_session` opens the ONNX folder written by `export`
+(pipeline/contract.py reads the model's contract from it); `open_model` picks the
 variant file (fp32, int8, fp16) for the device. `validate_submission`
 checks a submission against Kaggle's `sample_submission.csv` (for `predict` and `submit`).
 """
@@ -25,10 +25,8 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 import pandas as pd
-from google.protobuf.message import DecodeError
 from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidGraph, InvalidProtobuf, NoSuchFile
 from PIL import Image, ImageOps
 
@@ -42,22 +40,6 @@ VARIANT_FILES = {"fp32": MODEL_FILE, "int8": "model.int8.onnx", "fp16": "model.f
 # folder beside the models, so predict and the service (which has only the folder) can say why one is missing
 VARIANTS_RECORD = "variants.json"
 CUDA, CPU = "CUDAExecutionProvider", "CPUExecutionProvider"
-# metadata_props keys written by `export`, and how to read each back from its string
-METADATA_TYPES = {
-    "classes": json.loads,
-    "image_size": int,
-    "resize_size": int,
-    "interpolation": str,
-    "arch": str,
-    "layout": str,
-    "mean": json.loads,
-    "std": json.loads,
-    "weights": str,
-    "params_hash": str,
-    "run_key": str,
-    "input_name": str,
-    "output_name": str,
-}
 
 
 class ImageError(ValueError):
@@ -170,36 +152,6 @@ def preprocess(
     x = np.asarray(img, dtype=np.float32) / np.float32(255)  # (H, W, 3)
     x = (x - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
     return np.ascontiguousarray(x.transpose(2, 0, 1))  # (3, H, W)
-
-
-def preprocess_as(img: Image.Image, meta: dict) -> np.ndarray:
-    """`preprocess` with the model's own settings (the ONNX metadata `read_metadata` returns)."""
-    return preprocess(img, meta["image_size"], meta["resize_size"], meta["mean"], meta["std"], meta["interpolation"])
-
-
-def preprocess_crops(img: Image.Image, meta: dict, crop_sizes: tuple[int, ...]) -> np.ndarray:
-    """`preprocess_as` for each short side in `crop_sizes` (the TTA's crops, pipeline/tta.py): (3, H, W) for one,
-    (K, 3, H, W) for several."""
-    size, pre = meta["image_size"], (meta["mean"], meta["std"], meta["interpolation"])
-    crops = [preprocess(img, size, short, *pre) for short in crop_sizes]
-    return crops[0] if len(crops) == 1 else np.stack(crops)
-
-
-def read_metadata(onnx_dir: str | os.PathLike) -> dict:
-    """The model's contract from the ONNX metadata_props, typed: classes, image_size, mean, std, ..."""
-    path = Path(onnx_dir) / MODEL_FILE
-    if not path.is_file():
-        raise ModelError(f"{path} not found: run 'dvc repro export' first")
-    try:
-        props = {p.key: p.value for p in onnx.load(path, load_external_data=False).metadata_props}
-    except DecodeError as e:
-        raise ModelError(f"{path} is not an ONNX model ({e}): run 'dvc repro export' again") from e
-    missing = sorted(set(METADATA_TYPES) - set(props))
-    if missing:
-        raise ModelError(f"{path} lacks metadata {', '.join(missing)} (not written by export): run 'dvc repro export'")
-    meta = {key: parse(props[key]) for key, parse in METADATA_TYPES.items()}
-    meta["mean"], meta["std"], meta["classes"] = tuple(meta["mean"]), tuple(meta["std"]), tuple(meta["classes"])
-    return meta
 
 
 @functools.cache

@@ -23,15 +23,8 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 from onnxruntime.transformers.float16 import convert_float_to_float16
 from sklearn.metrics import log_loss
 
-from pipeline.data import (
-    MAX_IR_VERSION,
-    MODEL_FILE,
-    VARIANT_FILES,
-    load_image,
-    make_session,
-    preprocess_as,
-    read_metadata,
-)
+from pipeline.contract import ModelContract
+from pipeline.data import MAX_IR_VERSION, MODEL_FILE, VARIANT_FILES, load_image, make_session
 from pipeline.params.export import ExportParams
 
 log = logging.getLogger("export")
@@ -80,7 +73,7 @@ def quantize_int8(fp32_dir: Path, dest: Path, calibration: np.ndarray, metadata:
         quantize_static(
             str(pre),
             str(out),
-            CalibrationImages(calibration, metadata["input_name"]),
+            CalibrationImages(calibration, ModelContract.input_name),
             quant_format=QuantFormat.QDQ,
             per_channel=True,
             activation_type=QuantType.QInt8,
@@ -101,10 +94,9 @@ def score_variants(onnx_dir: Path, variants: list[str], x: np.ndarray, y: np.nda
     scores = {}
     for variant in variants:
         session, used = make_session(onnx_dir, provider, variant)
-        meta = read_metadata(onnx_dir)
-        probs = np.concatenate(
-            [session.run([meta["output_name"]], {meta["input_name"]: x[i : i + 32]})[0] for i in range(0, len(x), 32)]
-        ).astype(np.float64)  # (N, 2)
+        contract = ModelContract.read(onnx_dir)
+        probs = np.concatenate([contract.probs(session, x[i : i + 32]) for i in range(0, len(x), 32)])
+        probs = probs.astype(np.float64)  # (N, 2)
         scores[variant] = {
             "n": int(len(y)),
             "accuracy": float(np.mean(probs.argmax(1) == y)),
@@ -152,17 +144,18 @@ def judge_variants(scores: dict, p: ExportParams) -> dict:
     return scores
 
 
-def valid_set(valid: Path, meta: dict, max_pixels: int) -> tuple[np.ndarray, np.ndarray]:
+def valid_set(valid: Path, contract: ModelContract, max_pixels: int) -> tuple[np.ndarray, np.ndarray]:
     """Every validation image preprocessed (N, 3, H, W) and its label (index into the classes)."""
     paths = sorted(valid.glob("*/*.jpg"))
-    x = np.stack([preprocess_as(load_image(path, max_pixels), meta) for path in paths])
-    return x, np.array([list(meta["classes"]).index(path.parent.name) for path in paths])
+    x = np.stack([contract.preprocess(load_image(path, max_pixels)) for path in paths])
+    return x, np.array([contract.classes.index(path.parent.name) for path in paths])
 
 
-def export_variants(work: Path, p: ExportParams, meta: dict, metadata: dict, valid: Path, max_pixels: int) -> dict:
-    """Write the int8/fp16 variants beside work/model.onnx and score them against it on the validation set;
-    returns the judged scores (`judge_variants`). The caller removes the refused files."""
-    x, y = valid_set(valid, meta, max_pixels)
+def export_variants(work: Path, p: ExportParams, contract: ModelContract, valid: Path, max_pixels: int) -> dict:
+    """Write the int8/fp16 variants beside work/model.onnx, with its contract, and score them against it on the
+    validation set; returns the judged scores (`judge_variants`). The caller removes the refused files."""
+    x, y = valid_set(valid, contract, max_pixels)
+    metadata = contract.onnx_props()
     if "int8" in p.variants:
         calibration = x[:: max(1, len(x) // p.calibration_images)][: p.calibration_images]  # both classes
         log.info("int8: calibrating on %d validation images", len(calibration))

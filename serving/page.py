@@ -40,14 +40,14 @@ async def model_info(_: Request) -> JSONResponse:
         "member": member,
         "evaluate": meta.get("evaluate"),  # the member's own validation figures
         "export": meta.get("export"),
-        "calibration": service.calibration.as_dict(),  # applied to every answer, as predict does
+        "calibration": service.contract.calibration.as_dict(),  # applied to every answer, as predict does
         "submission_members": meta.get("submission_members"),
     }
     running = await service.running_variant()
     if running is None:
         return JSONResponse({**info, "variant": None, "provider": None, "same_as_submission": None,
                              "note": "the model service is not answering yet: ask again in a moment"})  # fmt: skip
-    submission = submission_variant(meta.get("predict_variant", "auto"), running["provider"], Path(model.path))
+    submission = submission_variant(service.contract.variant, running["provider"], Path(model.path))
     alone = meta.get("submission_members") == [member or "model"]
     same = alone and running["variant"] == submission
     if same:

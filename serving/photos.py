@@ -3,7 +3,7 @@
 `PhotoDecoder` (one per API worker, serving/service.py) turns a request's uploads into preprocessed arrays in
 threads, never on the event loop: every upload's decoded pixels are counted from its header first, a request's within
 serve.max_request_pixels (413) and all of the worker's requests within twice that (503); then each is decoded and
-preprocessed as `predict` does (pipeline/data.py), or refused with a `BadUpload` that says what is wrong.
+preprocessed as `predict` does (pipeline/contract.py), or refused with a `BadUpload` that says what is wrong.
 """
 
 from __future__ import annotations
@@ -14,20 +14,19 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.data import ImageError, decoded_pixels, load_image, preprocess_crops
+from pipeline.contract import ModelContract
+from pipeline.data import ImageError, decoded_pixels, load_image
 from pipeline.params.serve import ServeParams
-from pipeline.tta import crop_sizes
 from serving.upload_guard import BadUpload
 
 
 class PhotoDecoder:
-    """Decodes uploads for the model whose ONNX metadata is `meta` into the crops `tta` averages (the stored
-    calibration's, as predict makes them), within the serve params' limits."""
+    """Decodes uploads into the inputs of the model whose contract is `contract`: the crops its TTA averages, as
+    predict makes them, within the serve params' limits."""
 
-    def __init__(self, serve: ServeParams, meta: dict, tta=False):
-        self.serve, self.meta, self.tta = serve, meta, tta
-        self.crops = crop_sizes(tta, meta["resize_size"])
-        self.draft_size = max(self.crops)  # JPEGs decode at reduced scale, to the largest crop's, as predict does
+    def __init__(self, serve: ServeParams, contract: ModelContract):
+        self.serve, self.contract = serve, contract
+        self.draft_size = max(contract.crop_sizes)  # JPEGs decode at reduced scale, to the largest crop's (predict's)
         # 32 PNGs of 73 KB that decode to 25 MP each took 13.9 s and 1.47 GB: pixels are budgeted before decoding
         self.pixels_in_flight = 2 * serve.max_request_pixels
         self.decoding = 0  # decoded pixels this worker's requests hold now (one event loop: no lock)
@@ -53,7 +52,7 @@ class PhotoDecoder:
             img = load_image(upload, self.serve.max_pixels, self.draft_size)
         except ImageError as e:
             raise BadUpload(f"{name}: {str(e).replace(str(upload), 'the upload')}") from e
-        return preprocess_crops(img, self.meta, self.crops)  # the model's own size, filter, mean and std
+        return self.contract.inputs(img)  # the model's own size, filter, mean and std
 
     async def decode(self, uploads: list[Path], names: list[str]) -> list[np.ndarray]:
         """Uploads -> preprocessed arrays, in threads; every header checked before any is decoded, and the request's

@@ -22,13 +22,13 @@ import numpy as np
 from bentoml.exceptions import BentoMLException
 
 from pipeline.config import load_params
-from pipeline.data import open_model, read_metadata
+from pipeline.data import open_model
 from pipeline.params.package import PackageParams
 from pipeline.params.serve import ServeParams
 from serving import metrics_labels, no_cork, page
 from serving.connections import cancel_request_timeouts, guard_connections
 from serving.photos import PhotoDecoder
-from serving.store import check_stored, stored_calibration, stored_model
+from serving.store import check_stored, stored_contract, stored_model
 from serving.tempdir import remove_worker_tempdir, use_worker_tempdir
 from serving.upload_guard import BadUpload, UploadGuard, error
 
@@ -65,8 +65,7 @@ class Classifier:
 
     def __init__(self) -> None:
         use_worker_tempdir()  # before BentoML makes its client folders (serving/tempdir.py)
-        self.meta = read_metadata(self.model.path)
-        self.calibration = stored_calibration(self.model)
+        self.contract = stored_contract(self.model)  # preprocessing, classes, TTA and calibration, as package stored
         # serve.variant auto: fp16 on CUDA, int8 on CPU (speed), when they passed export's check (the store holds
         # the variants export kept)
         self.session, self.provider, self.variant = open_model(
@@ -90,7 +89,7 @@ class Classifier:
     )
     def predict(self, images: np.ndarray) -> np.ndarray:
         """P(dog) (N,) as the submission computes it: TTA, temperature and clip as `package` stored them."""
-        return self.calibration.predict(self.session, self.meta, images)
+        return self.contract.predict(self.session, images)
 
     @bentoml.api
     async def describe(self) -> dict:
@@ -120,9 +119,9 @@ class DogsVsCats:
     def __init__(self) -> None:
         use_worker_tempdir()  # uploads go there, and a killed worker's are removed (serving/tempdir.py)
         guard_connections(SERVE.header_timeout_s, SERVE.body_timeout_s, SERVE.max_connections)  # before it serves
-        self.calibration = stored_calibration(self.model)
+        self.contract = stored_contract(self.model)
         # checks, decodes and preprocesses uploads into the views the stored calibration averages
-        self.photos = PhotoDecoder(SERVE, read_metadata(self.model.path), self.calibration.tta)
+        self.photos = PhotoDecoder(SERVE, self.contract)
         self.running: dict | None = None  # the model worker's variant and provider, asked once (GET /info)
 
     async def running_variant(self) -> dict | None:

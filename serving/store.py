@@ -16,7 +16,9 @@ from pathlib import Path
 import bentoml
 from bentoml.exceptions import NotFound
 
-from pipeline.calibration import Calibration, CalibrationError
+from pipeline.calibration import CalibrationError
+from pipeline.contract import ModelContract
+from pipeline.data import ModelError
 
 log = logging.getLogger("bentoml.dogs_vs_cats")
 
@@ -38,16 +40,17 @@ def stored_model(name: str):
         return None
 
 
-def stored_calibration(model) -> Calibration:
-    """The TTA, temperature and clip `package` stored with the model: what `predict` applies to the submission."""
+def stored_contract(model) -> ModelContract:
+    """The model's contract `package` stored with it: its preprocessing and classes, and the TTA, temperature and
+    clip `predict` applies to the submission."""
     try:
-        return Calibration.from_dict(model.info.metadata["calibration"])
-    except KeyError:
+        return ModelContract.from_record(model.info.metadata, f"model {model.tag}")
+    except KeyError as e:
         raise SystemExit(
-            f"model {model.tag} in the BentoML store has no calibration (packaged before the service applied the "
-            f"submission's): {REPACKAGE}"
+            f"model {model.tag} in the BentoML store has no {e.args[0]} (packaged before the service applied the "
+            f"submission's calibration): {REPACKAGE}"
         ) from None
-    except CalibrationError as e:
+    except (CalibrationError, ModelError) as e:
         raise SystemExit(f"model {model.tag}: {e}") from None
 
 
@@ -64,4 +67,4 @@ def check_stored(model) -> None:
             f"model {model.tag} in the BentoML store is incomplete (files missing or short: {', '.join(short)}), as "
             f"an interrupted 'dvc repro package' leaves it: {REPACKAGE}"
         )
-    stored_calibration(model)
+    stored_contract(model)

@@ -6,9 +6,10 @@ import json
 import numpy as np
 import pytest
 
-from pipeline.calibration import Calibration, CalibrationError, model_logits, sigmoid
+from pipeline.calibration import Calibration, CalibrationError, sigmoid
 from pipeline.config import load_params
-from pipeline.data import make_session, read_metadata
+from pipeline.contract import ModelContract
+from pipeline.data import make_session
 from pipeline.params.predict import PredictParams
 from pipeline.stages.package import served_calibration, submission_members
 from tests.conftest import ROOT
@@ -58,13 +59,13 @@ def test_p_dog_scales_then_clips_without_overflow():
 def test_flip_tta_is_the_mean_of_the_image_and_its_mirrors_logits(tmp_path):
     onnx_dir = write_tiny_onnx(tmp_path / "onnx")  # a model whose answer changes with a mirror
     session, _ = make_session(onnx_dir, "cpu")
-    meta = read_metadata(onnx_dir)
+    meta = ModelContract.read(onnx_dir)
     x = np.random.default_rng(0).normal(size=(3, 3, 16, 16)).astype(np.float32)
-    plain, mirrored = model_logits(session, meta, x, False), model_logits(session, meta, x[..., ::-1], False)
+    plain, mirrored = meta.logits(session, x, False), meta.logits(session, x[..., ::-1], False)
     assert not np.allclose(plain, mirrored)
-    np.testing.assert_allclose(model_logits(session, meta, x, True), (plain + mirrored) / 2, rtol=1e-6)
+    np.testing.assert_allclose(meta.logits(session, x, True), (plain + mirrored) / 2, rtol=1e-6)
     cal = Calibration(True, 0.8, 0.02)
-    np.testing.assert_allclose(cal.predict(session, meta, x), cal.p_dog((plain + mirrored) / 2), rtol=1e-6)
+    np.testing.assert_allclose(meta.calibrated(cal).predict(session, x), cal.p_dog((plain + mirrored) / 2), rtol=1e-6)
 
 
 def test_package_serves_the_blends_calibration_only_when_the_blend_is_this_member_alone(tmp_path):

@@ -17,6 +17,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 
+from pipeline.contract import ModelContract
 from pipeline.data import (
     MODEL_FILE,
     VARIANT_FILES,
@@ -29,7 +30,6 @@ from pipeline.data import (
     make_session,
     open_model,
     preprocess,
-    read_metadata,
 )
 from pipeline.model import eval_transform, preprocessing
 
@@ -226,24 +226,33 @@ def write_tiny_onnx(dest, image_size: int = 16, gain: float = 4.0):
 
 
 def test_read_metadata_types_the_values(tmp_path):
-    meta = read_metadata(write_tiny_onnx(tmp_path / "onnx", image_size=32))
-    assert meta["classes"] == ("cats", "dogs") and meta["image_size"] == 32 and meta["resize_size"] == 36
-    assert meta["mean"] == VGG16["mean"] and meta["std"] == VGG16["std"] and meta["layout"] == "NCHW"
-    assert meta["interpolation"] == "bilinear" and meta["arch"] == "tiny"
-    assert (meta["input_name"], meta["output_name"]) == ("image", "probs")
+    meta = ModelContract.read(write_tiny_onnx(tmp_path / "onnx", image_size=32))
+    assert meta.classes == ("cats", "dogs") and meta.image_size == 32 and meta.resize_size == 36
+    assert meta.mean == VGG16["mean"] and meta.std == VGG16["std"] and meta.layout == "NCHW"
+    assert meta.interpolation == "bilinear" and meta.arch == "tiny"
+    assert (meta.input_name, meta.output_name) == ("image", "probs")
+    assert meta.calibration is None  # chosen on validation after export: predict and package attach it
 
 
 def test_read_metadata_says_what_to_do(tmp_path):
     with pytest.raises(ModelError, match="run 'dvc repro export' first"):
-        read_metadata(tmp_path)
+        ModelContract.read(tmp_path)
     (tmp_path / MODEL_FILE).write_bytes(b"garbage")
     with pytest.raises(ModelError, match="not an ONNX model"):
-        read_metadata(tmp_path)
+        ModelContract.read(tmp_path)
     model = onnx.load(write_tiny_onnx(tmp_path / "onnx") / MODEL_FILE)
     del model.metadata_props[:]
     onnx.save(model, tmp_path / "onnx" / MODEL_FILE)
     with pytest.raises(ModelError, match="lacks metadata arch, classes"):
-        read_metadata(tmp_path / "onnx")
+        ModelContract.read(tmp_path / "onnx")
+    onnx.helper.set_model_props(model, {**tiny_metadata(16), "layout": "NHWC"})
+    onnx.save(model, tmp_path / "onnx" / MODEL_FILE)
+    with pytest.raises(ModelError, match="not this pipeline's NCHW image -> probs model"):
+        ModelContract.read(tmp_path / "onnx")
+    onnx.helper.set_model_props(model, {**tiny_metadata(16), "classes": '["cats", "birds"]'})
+    onnx.save(model, tmp_path / "onnx" / MODEL_FILE)
+    with pytest.raises(ModelError, match="lack 'dogs'"):
+        ModelContract.read(tmp_path / "onnx")
 
 
 def test_make_session_reports_the_provider_it_really_got(tmp_path, caplog):

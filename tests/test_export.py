@@ -16,6 +16,7 @@ import yaml
 from PIL import Image
 from torch import nn
 
+from pipeline.contract import ModelContract
 from pipeline.data import (
     MODEL_FILE,
     VARIANT_FILES,
@@ -23,11 +24,10 @@ from pipeline.data import (
     ModelError,
     make_session,
     open_model,
-    read_metadata,
 )
 from pipeline.model import CLASSES, preprocessing
 from pipeline.stages import export
-from pipeline.stages.export import MAX_IR_VERSION, ExportError, check_export, export_onnx, onnx_metadata
+from pipeline.stages.export import MAX_IR_VERSION, ExportError, check_export, export_onnx
 from tests.conftest import ROOT
 
 SIZE = 16
@@ -41,6 +41,11 @@ def tiny_model(gain: float = 40) -> nn.Module:
     with torch.no_grad():
         model[-1].weight *= gain  # confident outputs: parity near P = 0.5 would prove little
     return model
+
+
+def onnx_metadata(meta: dict) -> dict[str, str]:
+    """The metadata export writes for a checkpoint."""
+    return ModelContract.from_checkpoint(meta).onnx_props()
 
 
 def checkpoint_meta(**params) -> dict:
@@ -95,14 +100,15 @@ def test_export_is_the_same_bytes_wherever_it_is_written(exported, tmp_path):
 
 def test_metadata_round_trip(exported):
     dest, _, meta, _ = exported
-    got = read_metadata(dest)
-    assert got["classes"] == CLASSES and got["layout"] == "NCHW"
+    got = ModelContract.read(dest)
+    assert got.classes == CLASSES and got.layout == "NCHW"
     pre = preprocessing("vgg16", SIZE)
-    assert (got["image_size"], got["resize_size"], got["interpolation"]) == (SIZE, pre["resize_size"], "bilinear")
-    assert got["mean"] == pre["mean"] and got["std"] == pre["std"] and got["weights"] == "none"
-    assert got["params_hash"] == hashlib.sha256(json.dumps(meta["params"], sort_keys=True).encode()).hexdigest()
-    assert got["run_key"] == meta["run_key"] and (got["input_name"], got["output_name"]) == ("image", "probs")
-    assert onnx_metadata(checkpoint_meta(lr=0.1))["params_hash"] != got["params_hash"]
+    assert (got.image_size, got.resize_size, got.interpolation) == (SIZE, pre["resize_size"], "bilinear")
+    assert got.mean == pre["mean"] and got.std == pre["std"] and got.weights == "none"
+    assert got.params_hash == hashlib.sha256(json.dumps(meta["params"], sort_keys=True).encode()).hexdigest()
+    assert got.run_key == meta["run_key"] and (got.input_name, got.output_name) == ("image", "probs")
+    assert onnx_metadata(checkpoint_meta(lr=0.1))["params_hash"] != got.params_hash
+    assert got == ModelContract.from_checkpoint(meta)  # one contract, written by export and read back whole
 
 
 def test_graph_is_valid_with_a_dynamic_batch_and_softmax_output(exported):

@@ -26,7 +26,7 @@ def params(source: str, **demo) -> FetchParams:
 
 def fetch_into(tmp_path: Path, p: FetchParams) -> Path:
     zip_path = tmp_path / "data" / "raw" / f"{COMP}.zip"
-    fetch(p, zip_path, zip_path.parent / "demo_test_labels.csv")
+    fetch(p, zip_path, zip_path.parent / "demo_test_labels.csv", Path("downloads"))  # dvc.yaml's, from the root
     return zip_path
 
 

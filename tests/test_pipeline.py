@@ -354,7 +354,8 @@ def test_dvc_repro_predict_with_the_offline_recipe_on_a_timm_backbone(tmp_path):
     activations, then everything, augmented), flip TTA; the ONNX model carries its bicubic, mean = std = 0.5
     preprocessing, and the submission's probabilities are the TTA'd ones the calibration was fitted on."""
     from pipeline.calibration import Calibration
-    from pipeline.data import load_image, preprocess_as, read_metadata
+    from pipeline.contract import ModelContract
+    from pipeline.data import load_image
 
     project = make_project(
         tmp_path / "project",
@@ -380,14 +381,14 @@ def test_dvc_repro_predict_with_the_offline_recipe_on_a_timm_backbone(tmp_path):
     )
     log = dvc(project, "repro", "predict")
     assert "efficientnet_lite0, weights imagenet; head for 2 epochs at lr 0.002 then all for 1 epochs" in log
-    meta = read_metadata(project / "models" / "onnx" / "model")
-    assert (meta["arch"], meta["image_size"], meta["resize_size"], meta["interpolation"]) == (
+    meta = ModelContract.read(project / "models" / "onnx" / "model")
+    assert (meta.arch, meta.image_size, meta.resize_size, meta.interpolation) == (
         "efficientnet_lite0",
         64,
         73,
         "bicubic",
     )
-    assert meta["mean"] == meta["std"] == (0.5, 0.5, 0.5)
+    assert meta.mean == meta.std == (0.5, 0.5, 0.5)
     assert json.loads((project / "metrics" / "members" / "model" / "evaluate.json").read_text())["tta"] is True
     assert "the valley suggests train.head_lr=" in dvc(project, "repro", "lr_find")  # fine_tune: the head phase's
     assert json.loads((project / "metrics" / "lr_find" / "model.json").read_text())["on"] == "cached activations"
@@ -396,9 +397,9 @@ def test_dvc_repro_predict_with_the_offline_recipe_on_a_timm_backbone(tmp_path):
     # the submission's P(dog) for image 1 is the model's TTA'd one, then the calibration evaluate (and, for one
     # member, blend) chose
     session, _, _ = open_model(project / "models" / "onnx" / "model", "cpu", "fp32")
-    x = preprocess_as(load_image(project / "data" / "prepared" / "test" / "unknown" / "1.jpg", 10**8), meta)
+    x = meta.preprocess(load_image(project / "data" / "prepared" / "test" / "unknown" / "1.jpg", 10**8))
     calibration = Calibration.chosen("evaluate", True, project / "metrics" / "blend.json")
-    p = float(calibration.predict(session, meta, x[None])[0])
+    p = float(meta.calibrated(calibration).predict(session, x[None])[0])
     assert float(sub.loc[sub["id"] == 1, "label"].iloc[0]) == pytest.approx(p, abs=1e-6)
 
 

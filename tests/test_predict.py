@@ -14,8 +14,9 @@ import torch
 import yaml
 from PIL import Image
 
-from pipeline.calibration import Calibration, logit_difference, model_logits
-from pipeline.data import SubmissionError, load_image, make_session, preprocess_as, read_metadata, validate_submission
+from pipeline.calibration import Calibration, logit_difference
+from pipeline.contract import ModelContract
+from pipeline.data import SubmissionError, load_image, make_session, validate_submission
 from pipeline.stages import predict
 from pipeline.stages.predict import decoded_batches
 from tests.conftest import ROOT
@@ -136,9 +137,9 @@ def test_two_members_are_blended_by_their_weights_each_with_its_own_preprocessin
     z = 0.0
     for name, w in weights.items():
         onnx_dir = project / "models" / "onnx" / name
-        meta, (session, _) = read_metadata(onnx_dir), make_session(onnx_dir, "cpu")
-        x = preprocess_as(load_image(project / "data" / "prepared" / "test" / "unknown" / "7.jpg", 10**6), meta)
-        own = model_logits(session, meta, x[None], tta=True)[0]
+        meta, (session, _) = ModelContract.read(onnx_dir), make_session(onnx_dir, "cpu")
+        x = meta.preprocess(load_image(project / "data" / "prepared" / "test" / "unknown" / "7.jpg", 10**6))
+        own = meta.logits(session, x[None], tta=True)[0]
         written = pd.read_csv(project / "predictions" / "test" / f"{name}.csv").set_index("id")["logit"]
         assert written.dtype == np.float64 and written[7] == own  # each member's own test logits, exactly
         z += w * own
@@ -175,22 +176,23 @@ def test_cuda_that_is_not_there_fails(project):
 
 def test_tta_averages_the_logits_of_the_image_and_its_mirror(project):
     """As evaluate's predict_logits(tta=True) does: the validation calibration then fits the submission."""
-    meta = read_metadata(project / "models" / "onnx" / "m")
+    meta = ModelContract.read(project / "models" / "onnx" / "m")
+    calibrated = lambda tta, t: meta.calibrated(Calibration(tta, t, 0.0))  # noqa: E731
     session, _ = make_session(project / "models" / "onnx" / "m", "cpu")
     half = np.zeros((1, 3, 16, 16), np.float32)
     half[:, 0, :, :8], half[:, 2, :, 8:] = 2.0, 2.0  # red on the left, blue on the right
     x = np.concatenate([half, half[..., ::-1], np.zeros_like(half)])
-    plain = Calibration(False, None, 0.0).predict(session, meta, x)
+    plain = calibrated(False, None).predict(session, x)
     assert plain[0] > 0.99 and plain[1] < 0.01 and plain[2] == pytest.approx(0.5)
     lopsided = np.zeros((2, 3, 16, 16), np.float32)
     lopsided[0, 0, :, :8], lopsided[0, 2, :, 8:] = 0.3, 0.05  # strong red left, weak blue right
     lopsided[1, 0, :, :8], lopsided[1, 2, :, 8:] = 0.02, 0.2
-    plain = Calibration(False, None, 0.0).predict(session, meta, lopsided)
-    mirrored = Calibration(False, None, 0.0).predict(session, meta, np.ascontiguousarray(lopsided[..., ::-1]))
+    plain = calibrated(False, None).predict(session, lopsided)
+    mirrored = calibrated(False, None).predict(session, np.ascontiguousarray(lopsided[..., ::-1]))
     z = (np.log(plain) - np.log1p(-plain) + np.log(mirrored) - np.log1p(-mirrored)) / 2
-    tta = Calibration(True, None, 0.0).predict(session, meta, lopsided)
+    tta = calibrated(True, None).predict(session, lopsided)
     np.testing.assert_allclose(tta, 1 / (1 + np.exp(-z)), atol=1e-5)
-    scaled = Calibration(True, 2.0, 0.0).predict(session, meta, lopsided)
+    scaled = calibrated(True, 2.0).predict(session, lopsided)
     np.testing.assert_allclose(scaled, 1 / (1 + np.exp(-z / 2)), atol=1e-5)
     assert np.abs(1 / (1 + np.exp(-z)) - (plain + mirrored) / 2).max() > 1e-3  # not the mean of probabilities
 

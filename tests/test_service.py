@@ -36,6 +36,7 @@ from starlette.routing import Route
 
 from pipeline.calibration import Calibration
 from pipeline.config import load_params
+from pipeline.contract import ModelContract
 from pipeline.data import open_model
 from pipeline.params.export import ExportParams
 from pipeline.params.serve import ServeParams
@@ -91,16 +92,20 @@ BAD = {  # name -> (files for requests, expected status, words in the error)
 @pytest.fixture
 def photos():
     """The API worker's upload decoder, for a 32 px model with the served model's upload limits."""
-    meta = {
-        "image_size": 32,
-        "resize_size": 37,
-        "interpolation": "bilinear",
-        "mean": (0.485, 0.456, 0.406),
-        "std": (0.229, 0.224, 0.225),
-        "classes": ("cats", "dogs"),
-    }
+    contract = ModelContract(
+        classes=("cats", "dogs"),
+        image_size=32,
+        resize_size=37,
+        interpolation="bilinear",
+        mean=(0.485, 0.456, 0.406),
+        std=(0.229, 0.224, 0.225),
+        arch="vgg16",
+        weights="none",
+        params_hash="",
+        run_key="",
+    )
     serve = SimpleNamespace(max_bytes=MAX_BYTES, max_pixels=MAX_PIXELS, max_request_pixels=4 * MAX_PIXELS)
-    return PhotoDecoder(serve, meta)
+    return PhotoDecoder(serve, contract)
 
 
 @pytest.mark.parametrize("name", [n for n in BAD if n != "body over the guard"])  # the guard is HTTP only

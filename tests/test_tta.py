@@ -9,9 +9,10 @@ import torch
 import yaml
 from PIL import Image
 
-from pipeline.calibration import Calibration, CalibrationError, model_logits
+from pipeline.calibration import Calibration, CalibrationError
 from pipeline.config import ConfigError, load_params
-from pipeline.data import load_image, make_session, preprocess, preprocess_crops, read_metadata
+from pipeline.contract import ModelContract
+from pipeline.data import load_image, make_session, preprocess
 from pipeline.model import build_model, eval_transform, predict_logits, preprocessing
 from pipeline.params.predict import PredictParams
 from pipeline.stages.evaluate import CropsTransform, views_transform
@@ -50,14 +51,14 @@ def test_flip_and_close_is_the_mean_logit_of_both_crops_and_their_mirrors(tmp_pa
     """ONNX Runtime (predict and the service): x (N, K, 3, H, W), one call, the mean of the four views' logits."""
     onnx_dir = write_tiny_onnx(tmp_path / "onnx")  # a model whose answer changes with a mirror
     session, _ = make_session(onnx_dir, "cpu")
-    meta = read_metadata(onnx_dir)
+    meta = ModelContract.read(onnx_dir)
     x = np.random.default_rng(0).normal(size=(3, 2, 3, 16, 16)).astype(np.float32)
-    views = [model_logits(session, meta, v, False) for v in (x[:, 0], x[:, 0, ..., ::-1], x[:, 1], x[:, 1, ..., ::-1])]
+    views = [meta.logits(session, v, False) for v in (x[:, 0], x[:, 0, ..., ::-1], x[:, 1], x[:, 1, ..., ::-1])]
     assert not np.allclose(views[0], views[2]) and not np.allclose(views[0], views[1])
-    np.testing.assert_allclose(model_logits(session, meta, x, "flip+close"), np.mean(views, axis=0), rtol=1e-6)
-    np.testing.assert_allclose(model_logits(session, meta, x[:, 0], "flip"), np.mean(views[:2], axis=0), rtol=1e-6)
+    np.testing.assert_allclose(meta.logits(session, x, "flip+close"), np.mean(views, axis=0), rtol=1e-6)
+    np.testing.assert_allclose(meta.logits(session, x[:, 0], "flip"), np.mean(views[:2], axis=0), rtol=1e-6)
     cal = Calibration("flip+close", 0.8, 0.02)
-    np.testing.assert_allclose(cal.predict(session, meta, x), cal.p_dog(np.mean(views, axis=0)), rtol=1e-6)
+    np.testing.assert_allclose(meta.calibrated(cal).predict(session, x), cal.p_dog(np.mean(views, axis=0)), rtol=1e-6)
     calls = []
     mean_over_views(lambda v: calls.append(v.shape) or np.zeros(len(v)), x, "flip+close")
     assert calls == [(12, 3, 16, 16)]  # all the views in one batch
@@ -74,20 +75,26 @@ def test_torch_averages_the_same_views():
     assert not np.allclose(per_crop[0], per_crop[1], atol=1e-4) and list(y) == [0, 1]
 
 
+def contract_of(pre: dict, tta) -> ModelContract:
+    """The contract of a model with preprocessing `pre`, calibrated with `tta` (as predict and the service get it)."""
+    plain = ModelContract(classes=("cats", "dogs"), **{"arch": "x", **pre}, weights="none", params_hash="", run_key="")
+    return plain.calibrated(Calibration(tta, None, 0.0))
+
+
 @pytest.mark.parametrize("arch", ["vgg16", "efficientnet_lite0"])  # bilinear, ImageNet stats; bicubic, 0.5
 @pytest.mark.parametrize("size", [(500, 375), (311, 460), (224, 224)])
 def test_the_crops_are_the_same_in_evaluate_and_in_predict(arch, size):
     """evaluate's torchvision crops and predict's (and the service's) Pillow + numpy crops agree, the close one too."""
     img = noise(*size, seed=size[0])
     pre = preprocessing(arch, 224)
-    ours = preprocess_crops(img, pre, crop_sizes("flip+close", pre["resize_size"]))
+    ours = contract_of(pre, "flip+close").inputs(img)
     theirs = CropsTransform(pre, "flip+close")(img).numpy()
     assert ours.shape == theirs.shape == (2, 3, 224, 224) and np.abs(ours - theirs).max() <= 1e-6
     close = preprocess(img, 224, round(CLOSE_ZOOM * pre["resize_size"]), pre["mean"], pre["std"], pre["interpolation"])
     assert np.array_equal(ours[1], close) and not np.allclose(ours[0], ours[1])
     # one crop: exactly today's preprocessing, (3, H, W), for false and flip
     assert isinstance(views_transform(pre, True), type(eval_transform(pre)))
-    assert preprocess_crops(img, pre, crop_sizes(True, pre["resize_size"])).shape == (3, 224, 224)
+    assert contract_of(pre, True).inputs(img).shape == (3, 224, 224)
 
 
 def test_a_jpeg_decodes_to_the_largest_crops_size(tmp_path):

@@ -12,7 +12,6 @@ against fp32 on the validation set (`pipeline.variants`): a worse one is refused
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import time
@@ -24,6 +23,7 @@ import torch
 from torch import nn
 
 from pipeline.config import load_params, load_value, setup_logging
+from pipeline.contract import ModelContract
 from pipeline.data import (
     MAX_IR_VERSION,
     MODEL_FILE,
@@ -32,8 +32,6 @@ from pipeline.data import (
     ModelError,
     load_image,
     make_session,
-    preprocess_as,
-    read_metadata,
 )
 from pipeline.files import atomic_folder, atomic_write_text, temporary_sibling
 from pipeline.model import load_model
@@ -41,31 +39,10 @@ from pipeline.params.export import ExportParams
 from pipeline.variants import export_variants
 
 log = logging.getLogger("export")
-INPUT, OUTPUT = "image", "probs"
 
 
 class ExportError(RuntimeError):
     """The exported model fails its own check; the message says how."""
-
-
-def onnx_metadata(meta: dict) -> dict[str, str]:
-    """The checkpoint's contract as ONNX metadata_props strings (read back by `pipeline.data.read_metadata`)."""
-    params = json.dumps(meta["params"], sort_keys=True)
-    return {
-        "classes": json.dumps(list(meta["classes"])),
-        "image_size": str(meta["image_size"]),
-        "resize_size": str(meta["resize_size"]),
-        "interpolation": meta["interpolation"],
-        "arch": meta["arch"],
-        "layout": "NCHW",
-        "mean": json.dumps(list(meta["mean"])),
-        "std": json.dumps(list(meta["std"])),
-        "weights": str(meta["weights"]),
-        "params_hash": hashlib.sha256(params.encode()).hexdigest(),
-        "run_key": str(meta["run_key"]),
-        "input_name": INPUT,
-        "output_name": OUTPUT,
-    }
 
 
 def export_onnx(model: nn.Module, image_size: int, dest: Path, metadata: dict[str, str], opset: int) -> int:
@@ -78,8 +55,8 @@ def export_onnx(model: nn.Module, image_size: int, dest: Path, metadata: dict[st
         dynamo=True,
         verbose=False,
         opset_version=opset,
-        input_names=[INPUT],
-        output_names=[OUTPUT],
+        input_names=[ModelContract.input_name],
+        output_names=[ModelContract.output_name],
         dynamic_shapes=({0: torch.export.Dim("batch")},),
     )
     program.model.metadata_props.update(metadata)
@@ -108,10 +85,10 @@ def check_export(onnx_dir: Path, model: nn.Module, images: list, expected: dict[
     props = {p.key: p.value for p in onnx.load(onnx_dir / MODEL_FILE, load_external_data=False).metadata_props}
     if props != expected:
         raise ExportError(f"metadata read back {props} differs from what was written {expected}")
-    meta = read_metadata(onnx_dir)
-    x = np.stack([preprocess_as(img, meta) for img in images])
+    contract = ModelContract.read(onnx_dir)
+    x = np.stack([contract.preprocess(img) for img in images])
     session, _ = make_session(onnx_dir, "cpu")  # the CPU provider: the reference, on any machine
-    p_onnx = session.run([meta["output_name"]], {meta["input_name"]: x})[0]  # (N, 2)
+    p_onnx = contract.probs(session, x)  # (N, 2)
     p_torch = torch.softmax(model(torch.from_numpy(x)), dim=1).numpy()
     if p_onnx.shape != p_torch.shape:
         raise ExportError(f"ONNX Runtime returned shape {p_onnx.shape}, PyTorch {p_torch.shape}")
@@ -120,7 +97,7 @@ def check_export(onnx_dir: Path, model: nn.Module, images: list, expected: dict[
         raise ExportError(
             f"ONNX Runtime and PyTorch disagree: max |delta P| = {diff:.3g} > export.tolerance {tolerance}"
         )
-    single = session.run([meta["output_name"]], {meta["input_name"]: x[:1]})[0]  # the batch axis is dynamic
+    single = contract.probs(session, x[:1])  # the batch axis is dynamic
     if not np.allclose(single, p_onnx[:1], atol=tolerance, rtol=0):
         raise ExportError("a batch of one gives other probabilities than the same image in a batch")
     return diff
@@ -156,12 +133,13 @@ def main(argv=None) -> None:
         return SystemExit(f"export failed its check, {args.out} is unchanged ({kept}): {message}")
 
     t0 = time.perf_counter()
-    metadata = onnx_metadata(meta)
+    contract = ModelContract.from_checkpoint(meta)
+    metadata = contract.onnx_props()
     scores = {}
     # whatever stops the export (a failed check, an uncaught error, a full disk, Ctrl-C), args.out is untouched and
     # the temporary folder goes unless kept; else the checked folder appears at once
     with atomic_folder(args.out, keep_failed=p.keep_failed) as work:
-        ir_version = export_onnx(model, meta["image_size"], work, metadata, p.opset)
+        ir_version = export_onnx(model, contract.image_size, work, metadata, p.opset)
         seconds = time.perf_counter() - t0
         try:
             diff = check_export(work, model, images, metadata, p.tolerance)
@@ -169,7 +147,7 @@ def main(argv=None) -> None:
             raise fail(str(e)) from None
         if set(p.variants) - {"fp32"}:
             try:
-                scores = export_variants(work, p, meta, metadata, args.data / "valid", max_pixels)
+                scores = export_variants(work, p, contract, args.data / "valid", max_pixels)
             except ModelError as e:
                 raise fail(str(e)) from None
             refused = {v: s["reason"] for v, s in scores.items() if not s["passed"]}

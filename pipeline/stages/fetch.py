@@ -1,7 +1,7 @@
 """Stage `fetch`: get the competition zip (Kaggle API, the offline demo generator, or a local copy).
 
 `python -m pipeline.stages.fetch --zip data/raw/dogs-vs-cats-redux-kernels-edition.zip --labels
-data/raw/demo_test_labels.csv` (run by `dvc repro fetch`). `fetch.source` in params.yaml picks:
+data/raw/demo_test_labels.csv --downloads downloads` (run by `dvc repro fetch`). `fetch.source` in params.yaml picks:
 - `kaggle`: `KaggleApi.competition_download_files`; needs credentials and the rules accepted;
 - `demo`: the seeded synthetic data set of `pipeline.demo`, plus its hidden test labels;
 - a path to the competition zip, or to a folder holding `train.zip`, `test.zip` and
@@ -31,7 +31,6 @@ from pipeline.params.fetch import FetchParams
 
 log = logging.getLogger("fetch")
 MEMBERS = ("sample_submission.csv", "test.zip", "train.zip")
-DOWNLOADS = "downloads"  # the browser zip's home, relative to the project root (a dependency in dvc.yaml)
 
 
 class FetchError(RuntimeError):
@@ -113,8 +112,9 @@ def check_source_outside(source: Path, out: Path, competition: str) -> None:
         )
 
 
-def fetch(params: FetchParams, zip_path: Path, labels_path: Path) -> None:
-    """Write the competition zip (and, for the demo, the hidden test labels) into `zip_path.parent`."""
+def fetch(params: FetchParams, zip_path: Path, labels_path: Path, downloads: Path) -> None:
+    """Write the competition zip (and, for the demo, the hidden test labels) into `zip_path.parent`. `downloads`: the
+    browser zip's home, a dependency of the stage (a zip elsewhere is copied with a warning: DVC does not see it)."""
     out = zip_path.parent
     if params.source not in ("kaggle", "demo"):
         check_source_outside(Path(params.source).expanduser(), out, params.competition)
@@ -127,11 +127,11 @@ def fetch(params: FetchParams, zip_path: Path, labels_path: Path) -> None:
             write_demo_zip(tmp / zip_path.name, tmp / labels_path.name, params.demo)
         else:
             source = Path(params.source).expanduser()
-            if not source.resolve().is_relative_to(Path(DOWNLOADS).resolve()):
+            if not source.resolve().is_relative_to(downloads.resolve()):
                 log.warning(
                     "%s is outside %s/, so DVC does not track it: if its content changes, 'dvc repro' will not "
                     "notice. Keep the zip in %s/ (a dependency of this stage)",
-                    source, DOWNLOADS, DOWNLOADS,
+                    source, downloads, downloads,
                 )  # fmt: skip
             copy_local(source, tmp / zip_path.name)
         check_competition_zip(tmp / zip_path.name)
@@ -141,6 +141,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description="Fetch the competition zip.")
     parser.add_argument("--zip", type=Path, required=True, help="where the competition zip goes")
     parser.add_argument("--labels", type=Path, required=True, help="demo only: hidden test labels")
+    parser.add_argument("--downloads", type=Path, required=True, help="the browser zip's home (a dependency)")
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args(argv)
     setup_logging()
@@ -148,7 +149,7 @@ def main(argv=None) -> None:
     if args.zip.parent != args.labels.parent:
         parser.error("--zip and --labels must be in the same folder (the stage's output)")
     try:
-        fetch(params, args.zip, args.labels)
+        fetch(params, args.zip, args.labels, args.downloads)
     except FetchError as e:
         raise SystemExit(f"fetch failed: {e}") from None
     size = args.zip.stat().st_size / 2**20

@@ -9,8 +9,9 @@ folders. The service serves one model: a blend of several would multiply its lat
 The store is `$BENTOML_HOME/models` (default `~/bentoml`); afterwards
 `bentoml models list` shows `dogs-vs-cats:<version>`, where the version is a hash of the ONNX files and
 of the metadata below, so one model version is one pipeline output served one way. The model's metadata
-carries the validation and export metrics, the training params, the ONNX contract, the calibration and TTA
-that `predict` applies (`pipeline.calibration`) and the members the submission blends; the service applies
+carries the model's contract (`pipeline.contract`: the ONNX model's preprocessing and classes, the calibration and
+TTA that `predict` applies), the validation and export metrics, the training params and the members the submission
+blends; the service applies
 them and its page shows them, so a served P(dog) is the submission's when the submission is this model alone.
 `--out` records the tag and the store for DVC (the store itself lives outside the repo).
 """
@@ -34,7 +35,8 @@ from bentoml.exceptions import NotFound
 
 from pipeline.calibration import Calibration, CalibrationError
 from pipeline.config import load_params, load_value, setup_logging
-from pipeline.data import MODEL_FILE, read_metadata
+from pipeline.contract import ModelContract
+from pipeline.data import MODEL_FILE, ModelError
 from pipeline.files import atomic_write_text
 from pipeline.params.package import PackageParams
 from pipeline.params.predict import PredictParams
@@ -66,14 +68,13 @@ def without_none(value):
     return value
 
 
-def model_metadata(onnx_dir: Path, metrics_dir: Path, train: TrainParams, calibration: Calibration,
-                   predict_variant: str, submission_members: list[str]) -> dict:  # fmt: skip
-    """What the service applies and shows about the model: the calibration and TTA the submission applies, metrics,
-    params, the ONNX contract, and the members the submission blends (this model alone, or more)."""
+def model_metadata(contract: ModelContract, metrics_dir: Path, train: TrainParams, submission_members: list[str]
+                   ) -> dict:  # fmt: skip
+    """What the service applies and shows about the model: its contract (the ONNX model's, the calibration and TTA
+    the submission applies, the predict.variant it was made with; read back by serving/store.py), metrics, params,
+    and the members the submission blends (this model alone, or more)."""
     meta = {
-        "onnx": {k: list(v) if isinstance(v, tuple) else v for k, v in read_metadata(onnx_dir).items()},
-        "calibration": calibration.as_dict(),  # read back by serving/service.py with Calibration.from_dict
-        "predict_variant": predict_variant,  # the variant setting the submission was made with (/info compares)
+        **contract.record(),
         "submission_members": submission_members,  # /info: the submission's P is this model's only if it is alone
     }
     for name in METRIC_FILES:
@@ -193,6 +194,10 @@ def main(argv=None) -> None:
     source = load_value("fetch", "source", str, args.params)
     if not (args.onnx / MODEL_FILE).exists():
         raise SystemExit(f"{args.onnx / MODEL_FILE} not found: run 'dvc repro export' first")
+    try:
+        contract = ModelContract.read(args.onnx).calibrated(calibration, predict.variant)
+    except ModelError as e:
+        raise SystemExit(f"package failed: {e}") from None
     labels = {
         "data": source if source in ("kaggle", "demo") else "local",
         "weights": train.weights,
@@ -204,7 +209,7 @@ def main(argv=None) -> None:
     try:
         own_staging(p.model_name)
         alone = submission_members(member, args.blend)
-        metadata = model_metadata(args.onnx, args.metrics, train, calibration, predict.variant, alone)
+        metadata = model_metadata(contract, args.metrics, train, alone)
         model = import_model(args.onnx, p.model_name, metadata, labels)
     except OSError as e:  # BENTOML_HOME cannot be created or written
         raise SystemExit(

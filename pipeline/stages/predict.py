@@ -6,9 +6,9 @@ data/raw/demo_test_labels.csv --submission submissions/submission.csv --metrics 
 session really gets it, else on CPU (`predict.variant` auto: fp16 on CUDA when it passed export's check, else fp32,
 never int8, so the submission is the same file on every CPU), with JPEG decoding in threads ahead of the model and
 the TTA views evaluate averaged. The members' logits are blended and calibrated as `blend` chose on validation
-(`pipeline.calibration`). `sample_submission.csv` is the authority on the ids: an image that is missing, rejected or
-unreadable gets P(dog) = 0.5 and is listed, never dropped. The file is validated before it is written, atomically;
-with the demo's hidden labels it is scored.
+(the model's contract, `pipeline.contract`). `sample_submission.csv` is the authority on the ids: an image that is
+missing, rejected or unreadable gets P(dog) = 0.5 and is listed, never dropped. The file is validated before it is
+written, atomically; with the demo's hidden labels it is scored.
 """
 
 from __future__ import annotations
@@ -28,22 +28,19 @@ import pandas as pd
 from sklearn.metrics import log_loss
 from tqdm import tqdm
 
-from pipeline.calibration import Calibration, CalibrationError, model_logits
+from pipeline.calibration import Calibration, CalibrationError
 from pipeline.config import load_params, setup_logging
+from pipeline.contract import ModelContract
 from pipeline.data import (
     ImageError,
     ModelError,
     SubmissionError,
-    load_image,
     open_model,
-    preprocess_crops,
-    read_metadata,
     read_sample_ids,
     validate_submission,
 )
 from pipeline.files import atomic_write, atomic_write_text
 from pipeline.params.predict import PredictParams
-from pipeline.tta import crop_sizes
 
 log = logging.getLogger("predict")
 UNREADABLE_P = 0.5  # an image we cannot see: P = 0.5 costs log 2, the least when nothing is known
@@ -59,12 +56,11 @@ def rejected_by_prepare(data: Path) -> dict[int, str]:
     return {int(Path(r["path"]).stem): r["reason"] for r in rows}
 
 
-def load_input(path: Path, meta: dict, max_pixels: int, tta) -> np.ndarray | ImageError:
-    """One image as the model's input, (3, H, W) or its K crops (K, 3, H, W) (`predict.tta`), or the reason it cannot
-    be. Runs in a decode thread."""
+def load_input(path: Path, contract: ModelContract, max_pixels: int) -> np.ndarray | ImageError:
+    """One image as the model's input, (3, H, W) or its K TTA crops (K, 3, H, W), as the service makes it, or the
+    reason it cannot be. Runs in a decode thread."""
     try:
-        crops = crop_sizes(tta, meta["resize_size"])  # JPEGs decode to the largest crop's size at least
-        return preprocess_crops(load_image(path, max_pixels, max(crops)), meta, crops)  # as the service does
+        return contract.load_inputs(path, max_pixels)
     except ImageError as e:
         return e
 
@@ -111,17 +107,16 @@ def read_blend(path: Path) -> tuple[dict[str, float], dict]:
     return {str(m): float(w) for m, w in weights.items()}, chosen
 
 
-def open_member(onnx_dir: Path, p: PredictParams) -> tuple[object, dict, dict]:
-    """(ONNX Runtime session, model metadata, {provider, variant}) of one member's ONNX folder."""
+def open_member(onnx_dir: Path, p: PredictParams, calibration: Calibration) -> tuple[object, ModelContract, dict]:
+    """(ONNX Runtime session, the member's contract with the blend's calibration, {provider, variant}) of one
+    member's ONNX folder."""
     try:
-        meta = read_metadata(onnx_dir)
+        contract = ModelContract.read(onnx_dir).calibrated(calibration, p.variant)
         session, provider, variant = open_model(onnx_dir, p.provider, p.variant, cpu_variant="fp32")
     except ModelError as e:
         raise SystemExit(f"predict failed: {e}") from None
-    if meta["layout"] != "NCHW" or "dogs" not in meta["classes"]:
-        raise SystemExit(f"{onnx_dir}: layout {meta['layout']}, classes {meta['classes']}: expected NCHW with 'dogs'")
     log.info("%s: variant %s on %s (session providers %s)", onnx_dir, variant, provider, session.get_providers())
-    return session, meta, {"provider": provider, "variant": variant}
+    return session, contract, {"provider": provider, "variant": variant}
 
 
 def test_images(data: Path, ids: list[int]) -> tuple[dict[int, Path], dict[int, str]]:
@@ -140,21 +135,21 @@ def test_images(data: Path, ids: list[int]) -> tuple[dict[int, Path], dict[int, 
     return {i: on_disk[i] for i in ids if i in on_disk}, unreadable
 
 
-def predict_member(session, meta: dict, images: dict[int, Path], p: PredictParams) -> tuple[dict, dict]:
+def predict_member(session, contract: ModelContract, images: dict[int, Path], p: PredictParams) -> tuple[dict, dict]:
     """({id: logit}, {id: why unreadable}) of one member over the test images. Decode threads: Pillow releases the
     GIL while decoding and resizing, so threads run in parallel without pickling each (3, H, W) array back from a
     process, and ONNX Runtime's own threads share the cores."""
     z: dict[int, float] = {}
     unreadable: dict[int, str] = {}
     todo = list(images)
-    load = lambda i: load_input(images[i], meta, p.max_pixels, p.tta)  # noqa: E731
+    load = lambda i: load_input(images[i], contract, p.max_pixels)  # noqa: E731
     with ThreadPoolExecutor(p.workers or os.cpu_count() or 1) as pool:
         batches = decoded_batches(todo, load, p.batch_size, pool)
         for batch, results in tqdm(batches, desc="predict", total=-(-len(todo) // p.batch_size), mininterval=2):
             good = {i: x for i, x in zip(batch, results, strict=True) if not isinstance(x, ImageError)}
             unreadable.update((i, str(x)) for i, x in zip(batch, results, strict=True) if isinstance(x, ImageError))
             if good:
-                z.update(zip(good, model_logits(session, meta, np.stack(list(good.values())), p.tta), strict=True))
+                z.update(zip(good, contract.logits(session, np.stack(list(good.values()))), strict=True))
     return z, unreadable
 
 
@@ -183,11 +178,11 @@ def main(argv=None) -> None:
 
     # 1. the members and the calibration blend chose on validation
     weights, _ = read_blend(args.blend)
-    members = {m: open_member(args.onnx / m, p) for m in weights}
     try:
         calibration = Calibration.chosen(p.clip, p.tta, args.blend)
     except CalibrationError as e:
         raise SystemExit(f"predict failed: {e}") from None
+    members = {m: open_member(args.onnx / m, p, calibration) for m in weights}
     log.info("calibration: %s", calibration.describe())
 
     # 2. the ids (sample_submission.csv is the authority) and their images
@@ -200,8 +195,8 @@ def main(argv=None) -> None:
     # 3. each member's logits, with its own preprocessing; the blend is their weighted sum
     t0 = time.perf_counter()
     logits = {}
-    for name, (session, meta, _) in members.items():
-        logits[name], bad = predict_member(session, meta, images, p)
+    for name, (session, contract, _) in members.items():
+        logits[name], bad = predict_member(session, contract, images, p)
         unreadable.update(bad)
     seconds = time.perf_counter() - t0
     if len(unreadable) == len(ids):

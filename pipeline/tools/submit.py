@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from pipeline.calibration import Calibration, CalibrationError
 from pipeline.config import load_params, setup_logging
 from pipeline.data import SubmissionError, read_sample_ids, validate_submission
 from pipeline.kaggle_api import credentials_help, explain_http_error
@@ -65,9 +66,11 @@ def submission_message(commit: str, blend: dict, predict: dict, note: str | None
     """One line for the leaderboard: commit, members, the blend's validation accuracy and calibrated log loss, and
     the calibration predict applied (temperature, clip, TTA)."""
     temperature = f"T={predict['temperature']:.3f} " if predict.get("temperature") is not None else ""
-    chosen = (blend.get("temperature"), blend.get("temperature_clip"))
-    if blend.get("calibration") != "temperature":
-        chosen = (None, blend.get("clip"))
+    try:
+        fitted = Calibration.fitted(blend, predict.get("tta", False))
+        chosen = (fitted.temperature, fitted.clip)
+    except (KeyError, CalibrationError):  # a blend.json without its calibration: the loss is not calibrated
+        chosen = (None, None)
     # the blend's calibrated loss describes the submission only when predict applied the blend's calibration
     same = lambda a, b: a == b or (a is not None and b is not None and abs(a - b) < 1e-6)  # noqa: E731
     if same(predict.get("temperature"), chosen[0]) and same(predict["clip"], chosen[1]):
