@@ -1,11 +1,12 @@
 """The model's contract, one type: what a photo must become for the model, what its output means, and how its logit
 becomes the submitted P(dog).
 
-Filled in along the pipeline and written once in each home: `train` writes the classes, preprocessing and arch into
-models/<member>.pt (`ModelContract.from_checkpoint` reads them); `export` writes them into the ONNX model's metadata
-(`onnx_props`; `ModelContract.read` reads the folder back); `evaluate` and `blend` choose the calibration on validation
-(`Calibration.chosen` reads it, `calibrated` attaches it and predict.variant); `package` stores the whole with the
-BentoML model (`record`; `ModelContract.from_record`); `predict` and the service apply it (`inputs`, `predict`).
+Filled in along the pipeline and written once in each home: `train` writes the classes, preprocessing, arch and
+training params into models/<member>.pt (`ModelContract.from_checkpoint` reads them); `export` writes them into the
+ONNX model's metadata (`onnx_props`; `ModelContract.read` reads the folder back); `evaluate` and `blend` choose the
+calibration on validation (`Calibration.chosen` reads it, `calibrated` attaches it and predict.variant); `package`
+stores the whole with the BentoML model (`record`; `ModelContract.from_record`); `predict` and the service apply it
+(`inputs`, `predict`).
 Not a stage: no torch (the bento ships it).
 """
 
@@ -30,6 +31,8 @@ from pipeline.data import MODEL_FILE, ModelError, load_image, preprocess
 
 
 def _text(value) -> str:
+    if isinstance(value, dict):
+        return json.dumps(value, sort_keys=True)
     return json.dumps(list(value)) if isinstance(value, tuple) else str(value)
 
 
@@ -48,6 +51,7 @@ class ModelContract:
     weights: str
     params_hash: str  # sha256 of the training params: which run made these weights
     run_key: str
+    params: dict = dataclasses.field(default_factory=dict)  # the member's train section that made the weights
     calibration: Calibration | None = None
     variant: str | None = None
     layout: ClassVar[str] = "NCHW"
@@ -56,7 +60,7 @@ class ModelContract:
     # the keys of the ONNX metadata (all but calibration and variant, chosen after export) and how each is read back
     ONNX_KEYS: ClassVar[tuple[str, ...]] = (
         "classes", "image_size", "resize_size", "interpolation", "arch", "layout", "mean", "std", "weights",
-        "params_hash", "run_key", "input_name", "output_name",
+        "params_hash", "run_key", "input_name", "output_name", "params",
     )  # fmt: skip
 
     def __post_init__(self) -> None:
@@ -68,6 +72,7 @@ class ModelContract:
         """What `train` wrote into models/<member>.pt: classes, preprocessing, arch, weights, params and run key."""
         params = json.dumps(ckpt["params"], sort_keys=True)
         return cls(
+            params=json.loads(params),  # as the ONNX metadata gives it back
             classes=tuple(ckpt["classes"]),
             image_size=int(ckpt["image_size"]),
             resize_size=int(ckpt["resize_size"]),
@@ -106,6 +111,7 @@ class ModelContract:
                 weights=str(props["weights"]),
                 params_hash=str(props["params_hash"]),
                 run_key=str(props["run_key"]),
+                params=json.loads(props["params"]) if isinstance(props["params"], str) else dict(props["params"]),
             )
         except (ValueError, TypeError) as e:
             raise ModelError(f"{where} has unreadable metadata ({e}): run 'dvc repro export' again") from None

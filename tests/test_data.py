@@ -187,6 +187,7 @@ def tiny_metadata(image_size: int) -> dict[str, str]:
         "weights": "none",
         "params_hash": "0" * 64,
         "run_key": "tiny",
+        "params": json.dumps({"finetune": "head", "weights": "none"}, sort_keys=True),
         "input_name": "image",
         "output_name": "probs",
     }

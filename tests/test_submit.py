@@ -95,6 +95,17 @@ def test_git_commit_says_dirty(tmp_path):
         git_commit(tmp_path / "nowhere")
 
 
+def test_a_predict_record_that_is_not_predicts_is_refused_before_anything_is_sent(files, monkeypatch):
+    def no_network(self, req, **kwargs):
+        raise AssertionError(f"nothing may be sent, got {req.url}")
+
+    monkeypatch.setattr(requests.Session, "send", no_network)
+    for record, problem in (({"clip": 0.6, "tta": False}, "outside"), ({"tta": False}, "lacks 'clip'")):
+        (files / "predict.json").write_text(json.dumps(record))
+        with pytest.raises(SystemExit, match=f"predict.json: .*{problem}"):
+            submit.main(argv(files))
+
+
 @pytest.mark.usefixtures("kaggle_home")
 def test_the_upload_sends_the_file_and_the_message(files, monkeypatch):
     sent = kaggle(monkeypatch)

@@ -9,8 +9,8 @@ folders. The service serves one model: a blend of several would multiply its lat
 The store is `$BENTOML_HOME/models` (default `~/bentoml`); afterwards
 `bentoml models list` shows `dogs-vs-cats:<version>`, where the version is a hash of the ONNX files and
 of the metadata below, so one model version is one pipeline output served one way. The model's metadata
-carries the model's contract (`pipeline.contract`: the ONNX model's preprocessing and classes, the calibration and
-TTA that `predict` applies), the validation and export metrics, the training params and the members the submission
+carries the model's contract (`pipeline.contract`: the ONNX model's preprocessing, classes and training params, the
+calibration and TTA that `predict` applies), the validation and export metrics and the members the submission
 blends; the service applies
 them and its page shows them, so a served P(dog) is the submission's when the submission is this model alone.
 `--out` records the tag and the store for DVC (the store itself lives outside the repo).
@@ -19,7 +19,6 @@ them and its page shows them, so a served P(dog) is the submission's when the su
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import hashlib
 import json
 import logging
@@ -40,7 +39,6 @@ from pipeline.data import MODEL_FILE, ModelError
 from pipeline.files import atomic_write_text
 from pipeline.params.package import PackageParams
 from pipeline.params.predict import PredictParams
-from pipeline.params.train import TrainParams, load_member
 
 log = logging.getLogger("package")
 METRIC_FILES = ("evaluate", "export")
@@ -68,11 +66,10 @@ def without_none(value):
     return value
 
 
-def model_metadata(contract: ModelContract, metrics_dir: Path, train: TrainParams, submission_members: list[str]
-                   ) -> dict:  # fmt: skip
-    """What the service applies and shows about the model: its contract (the ONNX model's, the calibration and TTA
-    the submission applies, the predict.variant it was made with; read back by serving/store.py), metrics, params,
-    and the members the submission blends (this model alone, or more)."""
+def model_metadata(contract: ModelContract, metrics_dir: Path, submission_members: list[str]) -> dict:
+    """What the service applies and shows about the model: its contract (the ONNX model's, with the training params;
+    the calibration and TTA the submission applies, the predict.variant it was made with; read back by
+    serving/store.py), metrics, and the members the submission blends (this model alone, or more)."""
     meta = {
         **contract.record(),
         "submission_members": submission_members,  # /info: the submission's P is this model's only if it is alone
@@ -81,7 +78,6 @@ def model_metadata(contract: ModelContract, metrics_dir: Path, train: TrainParam
         path = metrics_dir / f"{name}.json"
         if path.exists():
             meta[name] = without_none(json.loads(path.read_text()))
-    meta["train"] = dataclasses.asdict(train)
     return meta
 
 
@@ -187,7 +183,6 @@ def main(argv=None) -> None:
         member = choose_member(p.member, args.blend)
         args.onnx, args.metrics = args.onnx / member, args.metrics / member
         log.info("serving member %s (package.member: %s)", member, p.member)
-    train = load_member(member, args.params)
     predict = load_params(PredictParams, "predict", args.params)
     calibration = served_calibration(predict, args.metrics, member, args.blend)
     log.info("the service applies the submission's calibration: %s", calibration.describe())
@@ -200,8 +195,8 @@ def main(argv=None) -> None:
         raise SystemExit(f"package failed: {e}") from None
     labels = {
         "data": source if source in ("kaggle", "demo") else "local",
-        "weights": train.weights,
-        "finetune": train.finetune,
+        "weights": contract.weights,
+        "finetune": contract.params["finetune"],
         **({"member": member} if member else {}),
     }
     # SIGTERM (dvc's, a CI's) ends the stage like Ctrl-C: BentoML's cleanup of its staging folder runs
@@ -209,7 +204,7 @@ def main(argv=None) -> None:
     try:
         own_staging(p.model_name)
         alone = submission_members(member, args.blend)
-        metadata = model_metadata(contract, args.metrics, train, alone)
+        metadata = model_metadata(contract, args.metrics, alone)
         model = import_model(args.onnx, p.model_name, metadata, labels)
     except OSError as e:  # BENTOML_HOME cannot be created or written
         raise SystemExit(

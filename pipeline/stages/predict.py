@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import logging
 import os
@@ -220,9 +221,7 @@ def main(argv=None) -> None:
     metrics = {
         "n": len(df),
         "members": {m: {**info, "weight": weights[m]} for m, (_, _, info) in members.items()},
-        "tta": p.tta,
-        "temperature": calibration.temperature,  # None: the clip alone
-        "clip": clip,
+        **dataclasses.asdict(calibration),  # tta, temperature (None: the clip alone), clip: what submit reads back
         "n_unreadable": len(unreadable),
         "unreadable": [{"id": i, "reason": r} for i, r in sorted(unreadable.items())],
     }

@@ -64,23 +64,23 @@ def tta_note(tta) -> str:
 
 def submission_message(commit: str, blend: dict, predict: dict, note: str | None = None) -> str:
     """One line for the leaderboard: commit, members, the blend's validation accuracy and calibrated log loss, and
-    the calibration predict applied (temperature, clip, TTA)."""
-    temperature = f"T={predict['temperature']:.3f} " if predict.get("temperature") is not None else ""
+    the calibration predict applied (temperature, clip, TTA: metrics/predict.json, read as a `Calibration`)."""
+    applied = Calibration.from_dict(predict)
+    temperature = f"T={applied.temperature:.3f} " if applied.temperature is not None else ""
     try:
-        fitted = Calibration.fitted(blend, predict.get("tta", False))
-        chosen = (fitted.temperature, fitted.clip)
+        fitted = Calibration.fitted(blend, applied.tta)
     except (KeyError, CalibrationError):  # a blend.json without its calibration: the loss is not calibrated
-        chosen = (None, None)
+        fitted = None
     # the blend's calibrated loss describes the submission only when predict applied the blend's calibration
     same = lambda a, b: a == b or (a is not None and b is not None and abs(a - b) < 1e-6)  # noqa: E731
-    if same(predict.get("temperature"), chosen[0]) and same(predict["clip"], chosen[1]):
+    if fitted is not None and same(applied.temperature, fitted.temperature) and same(applied.clip, fitted.clip):
         loss = f"logloss={blend['log_loss_calibrated']:.4f}"
     else:
         loss = f"logloss={blend['log_loss']:.4f} (uncalibrated)"
     members = "+".join(name for name, weight in blend["weights"].items() if weight > 0)
     text = (
-        f"{commit} {members} valid acc={blend['accuracy']:.4f} {loss} {temperature}clip={predict['clip']:.4f}"
-        f"{tta_note(predict.get('tta', False))}"
+        f"{commit} {members} valid acc={blend['accuracy']:.4f} {loss} {temperature}clip={applied.clip:.4f}"
+        f"{tta_note(applied.tta)}"
     )
     return f"{text} {note}" if note else text
 
@@ -130,7 +130,10 @@ def main(argv=None) -> None:
         if not path.exists():
             raise SystemExit(f"{path} not found: make the submission first ('make repro', or 'dvc repro predict')")
     predict = json.loads(args.predict_metrics.read_text())
-    clip = predict["clip"]
+    try:
+        clip = Calibration.from_dict(predict).clip  # the clip predict applied: the file's labels must respect it
+    except CalibrationError as e:
+        raise SystemExit(f"{args.predict_metrics}: {e}") from None
     try:
         validate_submission(
             pd.read_csv(args.submission), read_sample_ids(args.prepared / "sample_submission.csv"), clip
