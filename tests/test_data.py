@@ -174,7 +174,8 @@ def test_preprocess_equals_the_weights_own_transform(arch, image_size, size):
 # --- the ONNX folder --------------------------------------------------------------------------------
 
 
-def tiny_metadata(image_size: int) -> dict[str, str]:
+def tiny_metadata(image_size: int, **params) -> dict[str, str]:
+    """export's metadata for a tiny model; `params`: its training params (train's section, as model.pt holds it)."""
     return {
         "classes": json.dumps(["cats", "dogs"]),
         "image_size": str(image_size),
@@ -187,13 +188,13 @@ def tiny_metadata(image_size: int) -> dict[str, str]:
         "weights": "none",
         "params_hash": "0" * 64,
         "run_key": "tiny",
-        "params": json.dumps({"finetune": "head", "weights": "none"}, sort_keys=True),
+        "params": json.dumps({"finetune": "head", "weights": "none", **params}, sort_keys=True),
         "input_name": "image",
         "output_name": "probs",
     }
 
 
-def write_tiny_onnx(dest, image_size: int = 16, gain: float = 4.0):
+def write_tiny_onnx(dest, image_size: int = 16, gain: float = 4.0, **params):
     """An ONNX folder like export's: `image` (N, 3, S, S) -> `probs` (N, 2) with the same metadata.
 
     P(dog) = sigmoid(gain * (mean red - mean blue) over the LEFT half of the normalised image): red
@@ -220,7 +221,7 @@ def write_tiny_onnx(dest, image_size: int = 16, gain: float = 4.0):
         ],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)], ir_version=10)
-    helper.set_model_props(model, tiny_metadata(image_size))
+    helper.set_model_props(model, tiny_metadata(image_size, **params))
     onnx.checker.check_model(model)
     onnx.save(model, dest / MODEL_FILE)
     return dest

@@ -136,8 +136,8 @@ def test_the_served_member_is_the_best_on_validation_or_the_one_named(tmp_path):
 
 @pytest.mark.slow
 def test_package_with_the_blend_imports_the_chosen_members_folder_and_labels_it(tmp_path):
-    for name, size in (("a", 16), ("b", 24)):
-        write_tiny_onnx(tmp_path / "onnx" / name, image_size=size)
+    for name, size, arch in (("a", 16, "vgg16"), ("b", 24, "resnet18")):
+        write_tiny_onnx(tmp_path / "onnx" / name, image_size=size, arch=arch)  # the member's params, in its model
         (tmp_path / "metrics" / name).mkdir(parents=True)
         evaluate = {"accuracy": 0.5, "member": name, "clip": 0.01}
         (tmp_path / "metrics" / name / "evaluate.json").write_text(json.dumps(evaluate))

@@ -116,7 +116,9 @@ def test_page_shows_what_the_api_answers(page, served, tmp_path):
     calibrated = {"temperature": "log_loss_temperature_clipped", "clip": "log_loss_clipped"}[metrics["calibration"]]
     assert f"Log loss, calibrated\n{metrics[calibrated]:.4f}" in facts  # the loss of what is applied
     cal = info["calibration"]  # the applied TTA, temperature and clip, and what runs them
-    assert f"Calibration\nflip TTA, temperature {cal['temperature']:.3f}, clip {cal['clip']:.4f}" in facts
+    flip, close = "flip TTA, ", "TTA: the photo, a closer crop and their mirrors, "  # what page.html names each
+    views = {True: flip, "flip": flip, "flip+close": close}[cal["tta"]]
+    assert f"Calibration\n{views}temperature {cal['temperature']:.3f}, clip {cal['clip']:.4f}" in facts
     assert f"Runs\n{info['variant']} on {info['provider'].upper()}" in facts
     assert ("Note\n" + info["note"] in facts) != info["same_as_submission"]  # a note when P is not the submission's
 
