@@ -215,7 +215,7 @@ def stage_command(module: str, tmp) -> list[str]:
     import sys
 
     paths = {
-        "fetch": ["--zip", "z.zip", "--labels", "l.csv"],
+        "fetch": ["--zip", "z.zip", "--labels", "l.csv", "--downloads", "downloads"],
         "prepare": ["--zip", "z.zip", "--out", "prepared", "--metrics", "m.json"],
         "features": ["--data", "prepared", "--out", "features"],
         "train": ["--data", "prepared", "--features", "f", "--model", "m.pt", "--checkpoint", "c.pt", "--live", "l"],
